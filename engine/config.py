@@ -1,0 +1,242 @@
+"""The run configuration: typed dataclasses registered with Hydra, and one validate().
+
+YAML in conf/ only picks values; every key lives here with a comment, and every rule
+that ties two fields together lives in validate(), whose failures are one line naming
+the keys. Code reads `cfg.train.lr`, never a dict. docs/config.md lists every key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for conf schemas)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; launchers print its message as one line."""
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face folder (config.json + safetensors + tokenizer) of a supported family.
+    # Empty: build from the architecture fields below with random weights.
+    path: str = ""
+    # Architecture for random init or dry runs (ignored when `path` is set).
+    family: str = "llama"  # llama | qwen2 | qwen3 | mistral
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0 = hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None  # HF rope_scaling dict (Llama 3 style)
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    tokenizer: str = ""  # tokenizer folder for random-init models; "" = byte-level test tokenizer
+    # Behaviour
+    causal: bool = True  # false = bidirectional attention (some embedding recipes)
+    attn_backend: str = "auto"  # auto | torch (the kernels dispatcher picks Triton/flash on GPU later)
+    gradient_checkpointing: bool = False  # recompute each block in backward
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # 0 = full fine-tuning
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TaskConfig:
+    type: str = "embedding"  # embedding | reranker
+    # --- embedding ---
+    pooling: str = "last"  # last | mean | cls
+    normalize: bool = True  # L2-normalise embeddings
+    append_eos: bool = True  # append the tokenizer's EOS so `last` pools a real end token
+    query_instruction: str = "Given a question, retrieve passages that answer it"
+    query_template: str = "Instruct: {instruction}\nQuery:{query}"  # Qwen3-Embedding style
+    doc_template: str = "{document}"
+    temperature: float = 0.05
+    in_batch_negatives: bool = True  # other queries' candidates are negatives too
+    false_negative_margin: Optional[float] = None  # e.g. 0.1: drop candidates scoring above positive + margin
+    query_query: bool = False  # Qwen3-Embedding: other queries as negatives
+    doc_doc: bool = False  # Qwen3-Embedding: other documents as negatives of the positive
+    # --- reranker ---
+    template: str = "qwen3"  # qwen3 | plain | a custom string with {instruction} {query} {document}
+    instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
+    head: str = "yes_no"  # yes_no | linear
+    yes_token: str = "yes"
+    no_token: str = "no"
+    loss: str = "listwise"  # listwise | bce | distill
+    distill_temperature: float = 1.0
+    # --- both ---
+    num_negatives: int = 7  # hard negatives per query in each training group
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL file (ms-swift or FlagEmbedding format, see docs/data.md)
+    eval: str = ""  # held-out JSONL in the same formats; "" = no evaluation
+    on_error: str = "fail"  # fail | skip: what a malformed line does
+    query_max_len: int = 128  # tokens, template included
+    doc_max_len: int = 512
+    max_len: int = 1024  # reranker: query + document, template included
+    packing: bool = True  # pack sequences with cu_seqlens (no padding)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    max_steps: int = 100
+    batch_size: int = 16  # queries per optimizer step (global)
+    grad_accum: int = 1  # micro-batches per step; shrinks the negative pool (logged)
+    grad_cache: bool = False  # large pools: embed without graph, then replay chunks with the cached gradient
+    grad_cache_chunk: int = 16  # sequences per grad-cache chunk
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.0  # final lr as a fraction of lr
+    clip_grad_norm: float = 1.0  # 0 = no clipping
+    max_bad_steps: int = 5  # abort after this many non-finite losses in a row
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    save_final: bool = True
+    keep_checkpoints: int = 0  # 0 = keep all
+    eval_every: int = 0  # steps between evaluations; 0 = start and end only
+    log_every: int = 1
+    resume: str = ""  # "" = fresh | auto = newest complete checkpoint in output_dir | a checkpoint folder
+    dry_run: bool = False  # build on meta, validate, print sizes and memory; allocate nothing
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32  # sequences per forward pass
+    k: list[int] = field(default_factory=lambda: [1, 10])
+    save_run: str = ""  # write the ranking as a TREC run file
+    max_queries: int = 0  # 0 = all
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel degree; 1 = off
+    pp: int = 1  # pipeline stages
+    ulysses: int = 1  # all-to-all sequence-parallel degree
+    ring: int = 1  # ring-attention degree
+    sequence_parallel: bool = True  # Megatron SP when tp > 1
+    # World size to plan for in dry runs; 0 = the launcher's WORLD_SIZE (or tp*pp*ulysses*ring).
+    world_size: int = 0
+
+
+@dataclass
+class ExportConfig:
+    merge_lora: bool = True  # false: write a PEFT adapter folder instead
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    output_dir: str = ""  # when set, train.py exports the final model here at the end of training
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
+    """Check every rule that ties fields together; raise ConfigError with one line."""
+    m, t, d, tr, p = cfg.model, cfg.task, cfg.data, cfg.train, cfg.parallel
+    _one_of("task.type", t.type, ("embedding", "reranker"))
+    _one_of("task.pooling", t.pooling, ("last", "mean", "cls"))
+    _one_of("task.head", t.head, ("yes_no", "linear"))
+    _one_of("task.loss", t.loss, ("listwise", "bce", "distill"))
+    _one_of("data.on_error", d.on_error, ("fail", "skip"))
+    _one_of("train.schedule", tr.schedule, ("cosine", "linear", "constant"))
+    _one_of("train.device", tr.device, ("auto", "cpu", "cuda"))
+    _one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _one_of("model.family", m.family, ("llama", "qwen2", "qwen3", "mistral"))
+    _one_of("export.dtype", cfg.export.dtype, ("float32", "bfloat16", "float16"))
+    _positive("task.temperature", t.temperature)
+    _positive("task.num_negatives", t.num_negatives, allow_zero=True)
+    _positive("train.batch_size", tr.batch_size)
+    _positive("train.max_steps", tr.max_steps, allow_zero=True)
+    _positive("train.grad_accum", tr.grad_accum)
+    _positive("train.grad_cache_chunk", tr.grad_cache_chunk)
+    _positive("train.lr", tr.lr, allow_zero=True)
+    _positive("train.save_every", tr.save_every, allow_zero=True)
+    _positive("train.eval_every", tr.eval_every, allow_zero=True)
+    _positive("train.max_bad_steps", tr.max_bad_steps)
+    _positive("lora.rank", cfg.lora.rank, allow_zero=True)
+    for key in ("query_max_len", "doc_max_len", "max_len"):
+        _positive(f"data.{key}", getattr(d, key))
+    if tr.batch_size % tr.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={tr.batch_size} is not divisible by train.grad_accum={tr.grad_accum}"
+        )
+    if tr.grad_cache and tr.grad_accum > 1:
+        raise ConfigError("train.grad_cache=true and train.grad_accum>1 do the same job: pick one")
+    if tr.warmup_steps > tr.max_steps > 0:
+        raise ConfigError(f"train.warmup_steps={tr.warmup_steps} exceeds train.max_steps={tr.max_steps}")
+    if t.type == "reranker" and t.loss == "listwise" and t.num_negatives == 0:
+        raise ConfigError("task.loss=listwise needs task.num_negatives >= 1 (a group of one has no ranking)")
+    if not m.path:
+        _validate_architecture(m)
+    for key in ("tp", "pp", "ulysses", "ring"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    if not tr.dry_run:
+        if need_train_data:
+            if not d.train:
+                raise ConfigError("data.train is empty: give a JSONL file (data.train=PATH)")
+            if not os.path.isfile(d.train):
+                raise ConfigError(f"data.train={d.train}: no such file")
+        if d.eval and not os.path.isfile(d.eval):
+            raise ConfigError(f"data.eval={d.eval}: no such file")
+        if m.path and not os.path.isfile(os.path.join(m.path, "config.json")):
+            raise ConfigError(f"model.path={m.path}: no config.json there (a Hugging Face model folder is expected)")
+
+
+def _validate_architecture(m: ModelConfig) -> None:
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.head_dim == 0 and m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads} "
+            "(set model.head_dim explicitly)"
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}"
+        )
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra so unknown keys and wrong types fail at compose time."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,153 @@
+"""Examples -> a packed task batch: pick each query's group, tokenize, pack into one stream.
+
+A group is [one positive] + task.num_negatives negatives, positive first; query i's group is
+docs[i*G:(i+1)*G] (embedding) or pairs[i*G:(i+1)*G] (reranker). Nothing is reordered:
+the task reads groups by position. Every sequence of the micro-batch goes into one flat
+PackedSequences (cu_seqlens, positions restarting per sequence), so there is no padding.
+
+Which positive and negatives a query gets is a pure function of (seed, step, position in
+the batch), so a resumed run collates the very same batches.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from engine.data.batch import EmbeddingBatch, PackedSequences, RerankerBatch
+from engine.data.example import Example
+from engine.data.formats import DataError
+from engine.data.sampler import choose_negatives, choose_positive
+from engine.data.tokenize import TextEncoder
+
+
+class Collator:
+    def __init__(self, encoder: TextEncoder, task_cfg, seed: int, warn: Callable[[str], None] = print):
+        self.encoder = encoder
+        self.task = task_cfg
+        self.seed = seed
+        self.warn = warn
+        self._warned_borrowing = False
+
+    @property
+    def group_size(self) -> int:
+        return 1 + self.task.num_negatives
+
+    def __call__(self, examples: list[Example], step: int, first_position: int = 0) -> EmbeddingBatch | RerankerBatch:
+        """`first_position`: where this micro-batch starts in the step's global batch (a dp
+        rank's or accumulation chunk's offset), so the choices do not depend on the layout."""
+        if not examples:
+            raise DataError("cannot collate an empty batch")
+        groups = [self._group(examples, i, step, first_position + i) for i in range(len(examples))]
+        if self.task.type == "reranker":
+            return self._reranker_batch(examples, groups)
+        return self._embedding_batch(examples, groups)
+
+    # ---- groups ------------------------------------------------------------------------
+
+    def _group(self, examples: list[Example], i: int, step: int, position: int) -> "_Group":
+        example = examples[i]
+        p = choose_positive(example, self.seed, step, position)
+        texts = [example.positives[p]]
+        scores = [example.pos_scores[p]] if example.pos_scores is not None else None
+        n = self.task.num_negatives
+        if n == 0:
+            return _Group(texts, scores)
+        if example.negatives:
+            chosen = choose_negatives(example, n, self.seed, step, position)
+            texts += [example.negatives[k] for k in chosen]
+            if scores is not None and example.neg_scores is not None:
+                scores += [example.neg_scores[k] for k in chosen]
+            else:
+                scores = None  # a group with any unscored member has no teacher distribution
+            return _Group(texts, scores)
+        return _Group(texts + self._borrowed_negatives(examples, i, n), None)
+
+    def _borrowed_negatives(self, examples: list[Example], i: int, n: int) -> list[str]:
+        """The first positives of the next examples in the batch (wrapping, cycling when the
+        batch is small): deterministic, and other queries' answers are plausible negatives."""
+        others = [examples[(i + k) % len(examples)] for k in range(1, len(examples))]
+        if not others:
+            raise DataError(
+                f"line {examples[i].line}: the example has no negatives and the batch has no other example to "
+                "borrow them from; add negatives to the data, raise train.batch_size, or set task.num_negatives=0"
+            )
+        if not self._warned_borrowing:
+            self._warned_borrowing = True
+            self.warn(
+                f"line {examples[i].line} (and maybe others) has no negatives: using other queries' positives "
+                "from the same batch as its negatives"
+            )
+        return [others[k % len(others)].positives[0] for k in range(n)]
+
+    # ---- batches -----------------------------------------------------------------------
+
+    def _embedding_batch(self, examples: list[Example], groups: list["_Group"]) -> EmbeddingBatch:
+        query_ids = self.encoder.queries([e.query for e in examples], [e.prompt for e in examples])
+        doc_ids = self.encoder.documents([text for g in groups for text in g.texts])  # B * G, group-major
+        return EmbeddingBatch(
+            queries=PackedSequences.from_token_lists(query_ids),
+            docs=PackedSequences.from_token_lists(doc_ids),
+            group_size=self.group_size,
+        )
+
+    def _reranker_batch(self, examples: list[Example], groups: list["_Group"]) -> RerankerBatch:
+        G = self.group_size
+        queries = [e.query for e in examples for _ in range(G)]
+        prompts = [e.prompt for e in examples for _ in range(G)]
+        pair_ids = self.encoder.pairs(queries, [text for g in groups for text in g.texts], prompts)
+        labels = torch.zeros(len(examples), G)  # (B, G)
+        labels[:, 0] = 1.0  # the positive leads every group
+        teacher = None
+        if all(g.scores is not None for g in groups):
+            teacher = torch.tensor([g.scores for g in groups], dtype=torch.float32)  # (B, G)
+        return RerankerBatch(
+            pairs=PackedSequences.from_token_lists(pair_ids), group_size=G, teacher_scores=teacher, labels=labels
+        )
+
+
+class _Group:
+    """One query's candidate texts (positive first) and their teacher scores, if all known."""
+
+    __slots__ = ("texts", "scores")
+
+    def __init__(self, texts: list[str], scores: list[float] | None):
+        self.texts = texts
+        self.scores = scores
+
+
+# ---- evaluation helpers -----------------------------------------------------------------
+
+
+def embed_texts_batches(
+    encoder: TextEncoder,
+    texts: list[str],
+    is_query: bool,
+    batch_size: int,
+    prompts: list[str | None] | None = None,
+) -> Iterator[PackedSequences]:
+    """Queries (templated with their instruction) or documents, batch_size per packed batch, in order."""
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        if is_query:
+            chunk_prompts = None if prompts is None else prompts[start : start + batch_size]
+            ids = encoder.queries(chunk, chunk_prompts)
+        else:
+            ids = encoder.documents(chunk)
+        yield PackedSequences.from_token_lists(ids)
+
+
+def pair_batches(
+    encoder: TextEncoder,
+    queries: list[str],
+    documents: list[str],
+    batch_size: int,
+    prompts: list[str | None] | None = None,
+) -> Iterator[PackedSequences]:
+    """(query, document) reranker inputs, batch_size pairs per packed batch, in order."""
+    if len(queries) != len(documents):
+        raise ValueError(f"pair_batches: {len(queries)} queries but {len(documents)} documents")
+    for start in range(0, len(queries), batch_size):
+        end = start + batch_size
+        chunk_prompts = None if prompts is None else prompts[start:end]
+        yield PackedSequences.from_token_lists(encoder.pairs(queries[start:end], documents[start:end], chunk_prompts))

@@ -1,0 +1,59 @@
+"""Forward-only passes over many texts: embeddings for retrieval, scores for reranking.
+
+Sequences are sorted by length and packed `batch_size` at a time, so a batch of short
+texts never pays for a long one; results come back in the caller's order.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from engine.data.batch import PackedSequences
+
+
+def _batched(token_lists: list[list[int]], batch_size: int):
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield index, PackedSequences.from_token_lists([token_lists[i] for i in index])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def run_packed(forward, token_lists: list[list[int]], batch_size: int, device: torch.device,
+               autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """forward(PackedSequences) -> (num_seqs, ...) for every text, in input order, on CPU as float32."""
+    results: list[Tensor | None] = [None] * len(token_lists)
+    for index, packed in _batched(token_lists, batch_size):
+        with _autocast(device, autocast_dtype):
+            out = forward(packed.to(device)).float().cpu()
+        for row, i in enumerate(index):
+            results[i] = out[row]
+    if not results:
+        return torch.empty(0)
+    return torch.stack(results)
+
+
+def embed_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
+    was_training = task.training
+    task.eval()
+    try:
+        return run_packed(task.embed, token_lists, batch_size, device, autocast_dtype)
+    finally:
+        task.train(was_training)
+
+
+def score_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
+    was_training = task.training
+    task.eval()
+    try:
+        return run_packed(task.scores, token_lists, batch_size, device, autocast_dtype)
+    finally:
+        task.train(was_training)

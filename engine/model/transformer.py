@@ -1,0 +1,192 @@
+"""The decoder backbone: Llama / Qwen2 / Qwen3 / Mistral in one module tree.
+
+Parameter names equal Hugging Face's *ForCausalLM names (model.embed_tokens,
+model.layers.N.self_attn.q_proj, ..., model.norm, lm_head), so a safetensors state dict
+loads with no renaming and an exported one loads in transformers.
+
+The main path is a packed token stream (engine.data.batch.PackedSequences): input_ids
+(T,), position_ids restarting per sequence, cu_seqlens. Padded (B, S) batches with an
+attention mask are unpadded into that form and scattered back. forward() returns the
+final-normed hidden states; the LM head is applied only where asked (`logits`, or just a
+few rows with `lm_head_rows` for a reranker's yes/no score).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.model.args import ModelArgs
+from engine.model.attention import SelfAttention
+from engine.model.mlp import MLP
+from engine.model.norm import RMSNorm
+from engine.model.rope import RotaryEmbedding
+
+
+class InputError(ValueError):
+    """Inputs to Transformer.forward that do not describe a batch."""
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = SelfAttention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """What Hugging Face calls `model`: embeddings, layers, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args)
+        self.gradient_checkpointing = False
+        self.tie_weights()
+        # A tied lm_head is the embedding: keep it out of state dicts, as HF checkpoints do.
+        self.register_state_dict_post_hook(_drop_tied_lm_head)
+        self.register_load_state_dict_pre_hook(_fill_tied_lm_head)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.tie_weights())
+        self.init_weights()
+
+    # ---- weights ---------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the architecture ties them (HF does the same)."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.to_empty() may replace parameters (e.g. meta -> cpu); re-share afterwards.
+        result = super()._apply(fn, recurse)
+        self.tie_weights()
+        return result
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init as HF does it: normal(0, std) matrices, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module is self.lm_head and self.args.tie_word_embeddings:
+                    continue
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Final-normed hidden states.
+
+        packed:  input_ids (T,) + cu_seqlens (n+1,) [+ position_ids (T,)]   -> (T, hidden)
+        padded:  input_ids (B, S) + attention_mask (B, S) of 1/0            -> (B, S, hidden), zeros at pads
+        full:    input_ids (B, S), no mask, no cu_seqlens: B whole sequences -> (B, S, hidden)
+        """
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise InputError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
+            return self._forward_padded(input_ids, attention_mask, position_ids)
+        if input_ids.dim() == 2 and cu_seqlens is None:
+            batch, seq_len = input_ids.shape
+            cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=input_ids.device)
+            if position_ids is None:
+                position_ids = torch.arange(seq_len, device=input_ids.device).repeat(batch)
+            hidden = self.forward_packed(input_ids.reshape(-1), position_ids.reshape(-1), cu_seqlens, seq_len)
+            return hidden.view(batch, seq_len, -1)
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise InputError(f"packed input must be (T,) or (1, T); got input_ids {tuple(input_ids.shape)}")
+        flat_ids = input_ids.reshape(-1)
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, flat_ids.numel()], dtype=torch.int32, device=flat_ids.device)
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        hidden = self.forward_packed(flat_ids, position_ids.reshape(-1), cu_seqlens, max_seqlen)
+        return hidden.view(*input_ids.shape, -1)
+
+    def forward_packed(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """input_ids, position_ids (T,), cu_seqlens (n+1,) int32 -> hidden (T, hidden)."""
+        if input_ids.shape != position_ids.shape:
+            raise InputError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
+        x = self.model.embed_tokens(input_ids)  # (T, hidden)
+        cos, sin = self.rotary(position_ids, x.dtype)  # (T, head_dim) each
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        return self.model.norm(x)
+
+    def _forward_padded(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None) -> Tensor:
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"padded input needs input_ids and attention_mask of the same (B, S) shape; "
+                f"got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        batch, seq_len = input_ids.shape
+        keep = attention_mask.reshape(-1).bool()
+        token_index = keep.nonzero().squeeze(1)  # (T,) positions of real tokens in the (B*S) grid
+        lengths = attention_mask.bool().sum(1)  # (B,)
+        cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=input_ids.device)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        if position_ids is None:
+            # Left or right padding: a token's position is the number of real tokens before it.
+            position_ids = attention_mask.long().cumsum(1) - 1
+        packed_positions = position_ids.reshape(-1)[token_index]
+        packed_ids = input_ids.reshape(-1)[token_index]
+        hidden = self.forward_packed(packed_ids, packed_positions, cu_seqlens, int(lengths.max()))  # (T, hidden)
+        grid = hidden.new_zeros(batch * seq_len, hidden.shape[-1]).index_copy(0, token_index, hidden)
+        return grid.view(batch, seq_len, -1)
+
+    # ---- LM head -----------------------------------------------------------------------------
+    def lm_head_rows(self, token_ids: list[int]) -> Tensor:
+        """(k, hidden): the output-projection rows of just these tokens (never the whole vocabulary)."""
+        index = torch.as_tensor(token_ids, dtype=torch.long, device=self.lm_head.weight.device)
+        return self.lm_head.weight.index_select(0, index)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Full-vocabulary logits (tests and export checks; training never needs them)."""
+        return self.lm_head(hidden)
+
+
+def positions_from_cu_seqlens(cu_seqlens: Tensor) -> Tensor:
+    """(T,) int64 positions restarting at 0 at every sequence start."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    total = int(cu_seqlens[-1])
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def _drop_tied_lm_head(module: Transformer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if module.args.tie_word_embeddings:
+        state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _fill_tied_lm_head(module: Transformer, state_dict: dict, prefix: str, *args) -> None:
+    embed_key, head_key = prefix + "model.embed_tokens.weight", prefix + "lm_head.weight"
+    if module.args.tie_word_embeddings and head_key not in state_dict and embed_key in state_dict:
+        state_dict[head_key] = state_dict[embed_key]

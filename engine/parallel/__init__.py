@@ -1,0 +1,1 @@
+"""Everything that talks to torch.distributed (process grid, TP, SP, PP, DP)."""

@@ -1,0 +1,73 @@
+"""Cross-encoder: (query + document) sequences -> one score each -> a loss over each group.
+
+Two score heads:
+- yes_no: logit(yes) - logit(no) at the last position (Qwen3-Reranker), computed from the two
+  rows of the LM head only, never the full vocabulary;
+- linear: a bias-free one-output layer on the last token (what transformers'
+  *ForSequenceClassification models compute, so the export loads as one).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from engine.data.batch import PackedSequences, RerankerBatch
+from engine.data.tokenize import token_id
+from engine.losses import distill_kl, listwise_ce, pointwise_bce
+from engine.tasks.pooling import pool
+
+
+class RerankerTask(nn.Module):
+    def __init__(self, backbone: nn.Module, cfg, tokenizer=None, yes_no_ids: tuple[int, int] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        if cfg.head == "yes_no":
+            if yes_no_ids is None:
+                yes_no_ids = yes_no_token_ids(tokenizer, cfg)
+            self.yes_no_ids = yes_no_ids
+        else:
+            hidden = backbone.model.embed_tokens.weight.shape[1]
+            self.score = nn.Linear(hidden, 1, bias=False)
+            self.score.to(device=backbone.model.embed_tokens.weight.device)
+
+    def scores(self, pairs: PackedSequences) -> Tensor:
+        hidden = self.backbone(
+            pairs.input_ids, position_ids=pairs.position_ids,
+            cu_seqlens=pairs.cu_seqlens, max_seqlen=pairs.max_seqlen,
+        )  # (total_tokens, H)
+        last = pool(hidden, pairs.cu_seqlens, "last")  # (num_seqs, H)
+        if self.cfg.head == "yes_no":
+            rows = self.backbone.lm_head_rows(list(self.yes_no_ids))  # (2, H)
+            return (last @ (rows[0] - rows[1])).float()
+        return self.score(last).squeeze(-1).float()
+
+    def towers(self, batch: RerankerBatch) -> list[PackedSequences]:
+        return [batch.pairs]
+
+    def encode_tower(self, seqs: PackedSequences) -> Tensor:
+        return self.scores(seqs)
+
+    def loss_from_outputs(self, outputs: list[Tensor], batch: RerankerBatch) -> Tensor:
+        scores = outputs[0].view(-1, batch.group_size)  # (B, G), positive first
+        if self.cfg.loss == "listwise":
+            return listwise_ce(scores)
+        if self.cfg.loss == "bce":
+            labels = batch.labels if batch.labels is not None else _positive_first_labels(scores)
+            return pointwise_bce(scores, labels.to(scores.dtype))
+        if batch.teacher_scores is None:
+            raise ValueError("task.loss=distill needs teacher scores (pos_scores/neg_scores) on every training line")
+        return distill_kl(scores, batch.teacher_scores.to(scores.dtype), temperature=self.cfg.distill_temperature)
+
+    def forward(self, batch: RerankerBatch) -> Tensor:
+        return self.loss_from_outputs([self.scores(batch.pairs)], batch)
+
+
+def yes_no_token_ids(tokenizer, cfg) -> tuple[int, int]:
+    return token_id(tokenizer, cfg.yes_token, "task.yes_token"), token_id(tokenizer, cfg.no_token, "task.no_token")
+
+
+def _positive_first_labels(scores: Tensor) -> Tensor:
+    labels = scores.new_zeros(scores.shape)
+    labels[:, 0] = 1
+    return labels
+

@@ -1,0 +1,32 @@
+"""train.dry_run=true: build the model on the meta device, check the layout, print sizes and
+the estimated memory per rank. Allocates no parameter memory and needs no data or weights."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.parallel.layout import check_model_fits_layout, layout_from_config
+from engine.train.build import model_args
+from engine.train.memory import plan_memory
+
+
+def dry_run(cfg) -> dict:
+    from engine.model.transformer import Transformer
+
+    start = time.perf_counter()
+    args = model_args(cfg.model)
+    layout = layout_from_config(cfg.parallel)
+    seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
+    check_model_fits_layout(args, layout, seq_len)
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = sum(p.numel() for p in model.parameters())
+    plan = plan_memory(cfg, args, total, layout)
+    print(f"dry run: {cfg.task.type} task, {args.family} backbone, {args.num_layers} layers, hidden {args.hidden_size}")
+    print(f"layout: world {layout.world_size} = pp {layout.pp} x dp {layout.dp} x ring {layout.ring} "
+          f"x ulysses {layout.ulysses} x tp {layout.tp}; sequence length {seq_len}")
+    for line in plan.lines():
+        print(line)
+    print(f"config is valid; nothing was allocated ({time.perf_counter() - start:.1f}s)")
+    return {"total_params": total, "memory_per_rank_bytes": plan.total, "layout": layout}

@@ -1,0 +1,29 @@
+"""Evaluate a task model on held-out examples: embed and rank the corpus, or rerank candidates."""
+from __future__ import annotations
+
+import torch
+
+from engine.eval.retrieval import evaluate_embedding, evaluate_reranker
+from engine.inference import embed_tokens, score_tokens
+
+
+def evaluate_task(task, text_encoder, examples, cfg, device: torch.device, autocast_dtype=None,
+                  save_run: str | None = None) -> dict[str, float]:
+    batch_size, ks = cfg.eval.batch_size, tuple(cfg.eval.k)
+    if cfg.eval.max_queries:
+        examples = examples[: cfg.eval.max_queries]
+    if cfg.task.type == "embedding":
+        def encode_queries(batch):
+            tokens = text_encoder.queries([e.query for e in batch], [e.prompt for e in batch])
+            return embed_tokens(task, tokens, batch_size, device, autocast_dtype)
+
+        def encode_documents(texts):
+            return embed_tokens(task, text_encoder.documents(texts), batch_size, device, autocast_dtype)
+
+        return evaluate_embedding(encode_queries, encode_documents, examples, ks=ks, save_run=save_run)
+
+    def score_pairs(batch, documents):
+        tokens = text_encoder.pairs([e.query for e in batch], documents, [e.prompt for e in batch])
+        return score_tokens(task, tokens, batch_size, device, autocast_dtype)
+
+    return evaluate_reranker(score_pairs, examples, ks=ks, save_run=save_run)

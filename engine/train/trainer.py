@@ -1,0 +1,219 @@
+"""The training loop: sample, collate, forward/backward (plain, accumulated or grad-cached),
+clip, step, log, evaluate, checkpoint. One process for now; parallel layouts plug in later.
+
+Step numbering: `step` in metrics.jsonl and checkpoint names counts completed optimizer
+updates. The evaluation at step 0 is the zero-shot model; training line k is the update that
+made step k.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import torch
+
+from engine.config import RunConfig
+from engine.data.collate import Collator
+from engine.data.formats import load_examples
+from engine.data.sampler import BatchSampler
+from engine.data.tokenize import TextEncoder
+from engine.train import checkpoint as ckpt
+from engine.train.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
+from engine.train.evaluate import evaluate_task
+from engine.train.grad_cache import grad_cache_step
+from engine.train.logger import MetricsLogger
+from engine.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingAborted(RuntimeError):
+    """Too many non-finite losses in a row: training cannot go on meaningfully."""
+
+
+def log(message: str) -> None:
+    print(f"[ember] {message}", flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, config_yaml: str):
+        self.cfg = cfg
+        self.config_yaml = config_yaml
+        self.run_dir = cfg.train.output_dir
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.autocast_dtype = autocast_dtype(cfg.model, self.device)
+
+        # Data first: a bad file fails before any model is built.
+        self.train_examples = load_examples(cfg.data.train, on_error=cfg.data.on_error, warn=log)
+        self.eval_examples = (
+            load_examples(cfg.data.eval, on_error=cfg.data.on_error, warn=log) if cfg.data.eval else []
+        )
+        log(f"data: {len(self.train_examples)} training examples from {cfg.data.train}"
+            + (f", {len(self.eval_examples)} evaluation queries from {cfg.data.eval}" if cfg.data.eval else ""))
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.text_encoder = TextEncoder(self.tokenizer, cfg.task, cfg.data)
+        self.model = build_task_model(cfg, self.device, self.tokenizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in self.model.parameters())
+        log(f"model: {total / 1e6:.1f}M parameters, {sum(p.numel() for p in self.params) / 1e6:.3f}M trainable"
+            f" on {self.device}")
+
+        self.optimizer = build_optimizer(self.params, cfg.train, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.sampler = BatchSampler(len(self.train_examples), cfg.train.batch_size, cfg.train.seed)
+        self.collator = Collator(self.text_encoder, cfg.task, cfg.train.seed)
+        self.step = 0
+        self.bad_steps_in_a_row = 0
+        self.skipped_steps = 0
+        if cfg.train.grad_accum > 1:
+            log(f"warning: train.grad_accum={cfg.train.grad_accum} splits each step into micro-batches of "
+                f"{cfg.train.batch_size // cfg.train.grad_accum} queries, which shrinks the in-batch negative pool "
+                "by the same factor; train.grad_cache=true keeps the full pool")
+
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard)
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        self._maybe_resume()
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "bad_steps_in_a_row": self.bad_steps_in_a_row,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def _maybe_resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.train.resume, self.run_dir)
+        if path is None:
+            if self.cfg.train.resume == "auto":
+                log("train.resume=auto: no complete checkpoint yet, starting fresh")
+            self.logger.truncate_after(-1)
+            return
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.bad_steps_in_a_row = state["bad_steps_in_a_row"]
+        self.skipped_steps = state["skipped_steps"]
+        self.step = state["step"]
+        self.logger.truncate_after(self.step)
+        log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> str:
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(), self.config_yaml
+        )
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        log(f"saved checkpoint {path}")
+        return path
+
+    # ---- one optimizer step ------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _forward_backward(self, batch, loss_scale: float) -> float:
+        if self.cfg.train.grad_cache:
+            towers = [
+                (self.model.encode_tower, seqs.chunks(self.cfg.train.grad_cache_chunk))
+                for seqs in self.model.towers(batch)
+            ]
+            with self._autocast():
+                loss = grad_cache_step(towers, lambda outputs: self.model.loss_from_outputs(outputs, batch) * loss_scale)
+            return float(loss) / loss_scale
+        with self._autocast():
+            loss = self.model(batch)
+        (loss * loss_scale).backward()
+        return float(loss.detach())
+
+    def train_step(self) -> dict:
+        cfg = self.cfg.train
+        indices = self.sampler.indices(self.step)
+        examples = [self.train_examples[i] for i in indices]
+        micro = len(examples) // cfg.grad_accum
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, tokens = 0.0, 0
+        for part in range(cfg.grad_accum):
+            batch = self.collator(examples[part * micro : (part + 1) * micro], self.step).to(self.device)
+            tokens += batch.num_tokens
+            loss += self._forward_backward(batch, 1.0 / cfg.grad_accum)
+        lr = self.optimizer.param_groups[0]["lr"]
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_steps_in_a_row = 0
+        else:
+            self._skip_bad_step(loss)
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _skip_bad_step(self, loss: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps_in_a_row += 1
+        self.skipped_steps += 1
+        log(f"warning: non-finite loss or gradient at step {self.step + 1} (loss={loss}); update skipped "
+            f"({self.bad_steps_in_a_row} in a row, {self.skipped_steps} in total)")
+        if self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingAborted(
+                f"{self.bad_steps_in_a_row} non-finite losses in a row (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}): lower train.lr, check the data, or use float32"
+            )
+
+    # ---- evaluation --------------------------------------------------------------------
+    def evaluate(self, save_run: str | None = None) -> dict:
+        if not self.eval_examples:
+            return {}
+        start = time.perf_counter()
+        metrics = evaluate_task(
+            self.model, self.text_encoder, self.eval_examples, self.cfg, self.device,
+            self.autocast_dtype, save_run=save_run,
+        )
+        record = {"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}}
+        self.logger.log(record)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        log(f"eval at step {self.step} ({time.perf_counter() - start:.1f}s): {shown}")
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg.train
+        results = {"zero_shot": None, "final": None}
+        if self.step == 0:
+            results["zero_shot"] = self.evaluate()
+        last_saved = last_evaluated = self.step
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=None)
+        while self.step < cfg.max_steps:
+            start = time.perf_counter()
+            record = self.train_step()
+            record["tokens_per_s"] = record["tokens"] / max(time.perf_counter() - start, 1e-9)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.logger.log(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+                last_saved = self.step
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate()
+                last_evaluated = self.step
+        progress.close()
+        if cfg.save_final and last_saved != self.step:
+            self.save()
+        if last_evaluated != self.step or self.step == 0:
+            results["final"] = self.evaluate(save_run=self.cfg.eval.save_run or None)
+        else:
+            results["final"] = results["zero_shot"] if self.step == 0 else None
+        self.logger.close()
+        return results

@@ -1,0 +1,120 @@
+"""Which function computes attention: a registry of named backends and the 'auto' rule.
+
+The model calls `attention(...)` and never names a backend; the run picks one with
+`set_default_backend(cfg.model.attn_backend)` (or `with use_backend(name):` in a test).
+A backend is any function with attention_reference's signature. New ones (Triton,
+flash-attn, ring) register themselves with `register_backend(name, "module:function")`
+and are imported on first use only, so a missing optional package costs nothing until
+someone asks for it.
+
+'auto' takes, for the device of q, the first registered backend in _AUTO_PREFERENCE;
+today that is always 'torch'.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Callable, Iterator
+
+from torch import Tensor
+
+AttentionFn = Callable[..., "Tensor | tuple[Tensor, Tensor]"]
+
+
+class UnknownBackendError(ValueError):
+    """An attention backend name that nothing registered."""
+
+
+# name -> the function, or "module:function" until it is first used
+_REGISTRY: dict[str, AttentionFn | str] = {
+    "torch": "kernels.attention.reference:attention_reference",
+}
+# device type -> backends 'auto' tries in order (only registered names count)
+_AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("flash_attn", "triton", "torch"),
+    "cpu": ("torch",),
+}
+_default_backend = "auto"
+
+
+def register_backend(name: str, fn: AttentionFn | str) -> None:
+    """Add or replace a backend; `fn` may be "package.module:function" to import lazily."""
+    if name == "auto":
+        raise ValueError("attention backend name 'auto' is reserved for the automatic choice")
+    _REGISTRY[name] = fn
+
+
+def available_backends() -> list[str]:
+    """Registered backend names (a lazily registered one may still fail to import)."""
+    return sorted(_REGISTRY)
+
+
+def set_default_backend(name: str) -> None:
+    """The backend `attention(..., backend="auto")` uses; "auto" restores the automatic choice."""
+    global _default_backend
+    _check_name(name)
+    _default_backend = name
+
+
+def get_default_backend() -> str:
+    return _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily make `name` the default backend."""
+    previous = get_default_backend()
+    set_default_backend(name)
+    try:
+        yield
+    finally:
+        set_default_backend(previous)
+
+
+def resolve_backend(name: str, device_type: str) -> str:
+    """The concrete backend name `name` stands for on a device of type `device_type`."""
+    _check_name(name)
+    if name == "auto":
+        name = _default_backend
+    if name != "auto":
+        return name
+    for candidate in _AUTO_PREFERENCE.get(device_type, ("torch",)):
+        if candidate in _REGISTRY:
+            return candidate
+    return "torch"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_seqlens: Tensor,
+    max_seqlen: int | None,
+    causal: bool,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Varlen attention: q (total, Hq, D), k/v (total, Hkv, D) -> out (total, Hq, D) [, lse (Hq, total) fp32]."""
+    fn = _load(resolve_backend(backend, q.device.type))
+    return fn(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, scale=scale, return_lse=return_lse)
+
+
+def _load(name: str) -> AttentionFn:
+    target = _REGISTRY[name]
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        try:
+            target = getattr(importlib.import_module(module_name), attr)
+        except ImportError as e:
+            raise UnknownBackendError(f"attention backend {name!r} could not be imported ({e})") from e
+        _REGISTRY[name] = target
+    return target
+
+
+def _check_name(name: str) -> None:
+    if name != "auto" and name not in _REGISTRY:
+        raise UnknownBackendError(
+            f"unknown attention backend {name!r}; registered: auto, {', '.join(available_backends())}"
+        )

@@ -1,0 +1,65 @@
+"""Train an embedding or reranker model.
+
+    python launch/train.py +exp=demo
+    torchrun --nproc_per_node=1 launch/train.py task=reranker data.train=train.jsonl train.max_steps=100
+    python launch/train.py +exp=reranker_70b train.dry_run=true
+
+Hydra-style overrides over conf/train.yaml; every key is in docs/config.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.cli import compose, run_cli  # noqa: E402
+from engine.config import ConfigError, validate  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    cfg, config_yaml = compose(argv)
+    validate(cfg)
+    if cfg.train.dry_run:
+        from engine.train.dry_run import dry_run
+
+        dry_run(cfg)
+        return 0
+    p = cfg.parallel
+    if max(p.tp, p.pp, p.ulysses, p.ring) > 1:
+        raise ConfigError(
+            f"parallel tp={p.tp} pp={p.pp} ulysses={p.ulysses} ring={p.ring}: only the single-process layout "
+            "trains in this version; train.dry_run=true plans larger layouts"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("WORLD_SIZE > 1: data parallelism is not available in this version; run one process")
+
+    from engine.train.trainer import Trainer, TrainingAborted
+
+    trainer = Trainer(cfg, config_yaml)
+    try:
+        results = trainer.train()
+    except TrainingAborted as err:
+        print(f"training aborted: {err}", file=sys.stderr)
+        return 1
+    summary = {"run_dir": cfg.train.output_dir, "steps": trainer.step}
+    for when in ("zero_shot", "final"):
+        if results.get(when):
+            summary[when] = results[when]
+    if cfg.export.output_dir:
+        from engine.export import export_task
+
+        export_task(trainer.model, cfg, trainer.tokenizer, cfg.export.output_dir)
+        summary["export"] = cfg.export.output_dir
+        print(f"[ember] exported the final model to {cfg.export.output_dir}")
+    if results.get("zero_shot") and results.get("final"):
+        for k in cfg.eval.k[-1:]:
+            before, after = results["zero_shot"][f"mrr@{k}"], results["final"][f"mrr@{k}"]
+            print(f"[ember] held-out MRR@{k}: zero-shot {before:.4f} -> fine-tuned {after:.4f}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,97 @@
+"""The entry points as a user runs them: one-line errors, dry runs, train -> export -> evaluate."""
+from __future__ import annotations
+
+import json
+import time
+
+from tests.conftest import run_entry, synthetic_examples, write_jsonl
+
+TINY = ["train.batch_size=4", "task.num_negatives=2", "train.tensorboard=false",
+        "data.query_max_len=24", "data.doc_max_len=24"]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    text = "\n".join(lines)
+    for fragment in fragments:
+        assert fragment in text, text
+    return lines
+
+
+def test_malformed_data_reports_every_bad_line_and_exits_nonzero(tmp_path):
+    good = json.dumps(synthetic_examples(1)[0])
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([good, "{not json", good, '{"query": "q", "pos": []}', "",
+                               '{"query": "q", "pos": [3]}']) + "\n")
+    result = run_entry("train.py", f"data.train={path}", f"train.output_dir={tmp_path / 'run'}", *TINY)
+    lines = assert_one_line_error(result, f"{path}:2:", f"{path}:4:", f"{path}:6:")
+    assert len(lines) == 3  # one line per bad line, nothing else
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_on_error_skip_skips_and_counts(tmp_path):
+    lines = [json.dumps(x) for x in synthetic_examples(8)] + ["{not json"]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = run_entry("train.py", f"data.train={path}", "data.on_error=skip", "train.max_steps=1",
+                       f"train.output_dir={tmp_path / 'run'}", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1" in (result.stdout + result.stderr).lower()
+
+
+def test_config_errors_are_one_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_examples(4))
+    cases = [
+        (["train.no_such_key=1"], "no_such_key"),
+        (["task.pooling=max"], "task.pooling"),
+        (["train.batch_size=6", "train.grad_accum=4"], "train.grad_accum"),
+        (["data.train=/nonexistent.jsonl"], "/nonexistent.jsonl"),
+        (["model.num_heads=3"], "model.num_heads"),
+    ]
+    for overrides, fragment in cases:
+        result = run_entry("train.py", f"data.train={data}", f"train.output_dir={tmp_path / 'r'}", *overrides)
+        lines = assert_one_line_error(result, fragment)
+        assert len(lines) == 1, lines
+
+
+def test_dry_run_of_the_70b_reranker_takes_seconds():
+    start = time.perf_counter()
+    result = run_entry("train.py", "+exp=reranker_70b", "train.dry_run=true")
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    assert "70.55B total" in result.stdout, result.stdout
+    assert "memory per rank" in result.stdout
+    assert elapsed < 60
+
+
+def test_every_real_size_experiment_validates():
+    for exp in ("embedding_qwen3_8b", "reranker_qwen3_8b", "embedding_70b", "reranker_70b"):
+        result = run_entry("train.py", f"+exp={exp}", "train.dry_run=true")
+        assert result.returncode == 0, (exp, result.stderr)
+
+
+def test_train_export_evaluate_through_the_command_line(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic_examples(16))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", synthetic_examples(5, seed=3))
+    run_dir = tmp_path / "run"
+    result = run_entry("train.py", f"data.train={train}", f"data.eval={evaluation}", f"train.output_dir={run_dir}",
+                       "train.max_steps=2", "lora.rank=4", *TINY)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary["final"]) >= {"mrr@10", "ndcg@10", "recall@1", "recall@10", "map"}
+
+    export_dir = tmp_path / "export"
+    result = run_entry("export.py", f"checkpoint={run_dir}/checkpoints/step_00000002", f"output={export_dir}")
+    assert result.returncode == 0, result.stderr
+    run_file = tmp_path / "run.trec"
+    result = run_entry("evaluate.py", f"model.path={export_dir}", f"data.eval={evaluation}",
+                       f"eval.save_run={run_file}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    # The exported model is the trained one: same metrics as the run's final evaluation.
+    for key, value in summary["final"].items():
+        assert abs(metrics[key] - value) < 1e-6, key
+    first = run_file.read_text().splitlines()[0].split()
+    assert first[0] == "q0" and first[1] == "Q0" and first[2].startswith("d")

@@ -1,0 +1,116 @@
+"""The training loop end to end on a tiny random model: metrics, resume, checkpoints, guards."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from engine.cli import compose
+from engine.train import checkpoint as ckpt
+from engine.train.trainer import Trainer, TrainingAborted
+from tests.conftest import read_metrics
+
+TINY = ["train.batch_size=4", "task.num_negatives=2", "train.lr=1e-3", "train.tensorboard=false",
+        "data.query_max_len=24", "data.doc_max_len=24", "data.max_len=320", "eval.batch_size=8"]
+
+
+def make_trainer(run_dir, data, *overrides):
+    train, evaluation = data
+    cfg, yaml = compose(TINY + [f"train.output_dir={run_dir}", f"data.train={train}", f"data.eval={evaluation}",
+                                *overrides])
+    return Trainer(cfg, yaml)
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.mark.parametrize("task", [
+    ["task=embedding"],
+    ["task=embedding", "lora.rank=4", "lora.dropout=0.1", "task.pooling=mean"],
+    ["task=reranker"],
+    ["task=reranker", "task.head=linear", "task.loss=bce", "lora.rank=4"],
+    ["task=reranker", "task.loss=distill"],
+])
+def test_metrics_file_has_training_and_eval_lines(tmp_path, tiny_data, task):
+    trainer = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=3", *task)
+    trainer.train()
+    records = read_metrics(tmp_path / "run")
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "eval/mrr@10" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3]
+    for r in train_lines:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens"] > 0
+    assert [r["step"] for r in eval_lines] == [0, 3]  # zero-shot before any update, then final
+    assert {"eval/ndcg@10", "eval/recall@1", "eval/recall@10", "eval/map"} <= set(eval_lines[0])
+    assert os.path.isfile(tmp_path / "run" / "config.yaml")
+    assert ckpt.latest_checkpoint(str(tmp_path / "run")).endswith("step_00000003")
+
+
+def test_training_lowers_the_loss(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=12", "train.schedule=constant")
+    trainer.train()
+    curve = losses(tmp_path / "run")
+    assert sum(list(curve.values())[-3:]) < sum(list(curve.values())[:3])
+
+
+@pytest.mark.parametrize("task", [["task=embedding", "lora.rank=4", "lora.dropout=0.1"], ["task=reranker"]])
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, tiny_data, task):
+    full = make_trainer(tmp_path / "full", tiny_data, "train.max_steps=6", "train.warmup_steps=2", *task)
+    full.train()
+    expected = losses(tmp_path / "full")
+
+    first = make_trainer(tmp_path / "part", tiny_data, "train.max_steps=6", "train.warmup_steps=2",
+                         "train.save_every=3", *task)
+    # Stop after step 4 as a crash would: the checkpoint of step 3 is the newest complete one.
+    for _ in range(4):
+        record = first.train_step()
+        first.logger.log(record)
+        if first.step == 3:
+            first.save()
+    resumed = make_trainer(tmp_path / "part", tiny_data, "train.max_steps=6", "train.warmup_steps=2",
+                           "train.save_every=3", "train.resume=auto", *task)
+    assert resumed.step == 3
+    resumed.train()
+    got = losses(tmp_path / "part")
+    assert got == expected  # exact: same floats, fp32 on CPU
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=2", "train.save_every=1")
+    trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    # A crash during the rename-less write leaves a temporary folder; one during the write of a
+    # newer step could leave a step folder without its state file.
+    shutil.copytree(root / "step_00000002", root / "step_00000009.tmp-123")
+    shutil.copytree(root / "step_00000002", root / "step_00000005")
+    os.remove(root / "step_00000005" / ckpt.STATE_FILE)
+    assert ckpt.latest_checkpoint(str(tmp_path / "run")).endswith("step_00000002")
+    resumed = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=3", "train.resume=auto")
+    assert resumed.step == 2
+
+
+def test_grad_cache_step_equals_plain_step(tmp_path, tiny_data):
+    plain = make_trainer(tmp_path / "a", tiny_data, "train.max_steps=2", "task=embedding")
+    cached = make_trainer(tmp_path / "b", tiny_data, "train.max_steps=2", "task=embedding",
+                          "train.grad_cache=true", "train.grad_cache_chunk=3")
+    for trainer in (plain, cached):
+        trainer.train_step()
+    for (name, p), (_, q) in zip(plain.model.named_parameters(), cached.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_non_finite_loss_is_skipped_then_aborts(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=5", "train.max_bad_steps=2")
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.model.forward = lambda batch: torch.tensor(float("nan"), requires_grad=True)
+    trainer.train_step()
+    assert trainer.skipped_steps == 1 and trainer.step == 1
+    for p, q in zip(before, trainer.params):
+        assert torch.equal(p, q)  # the bad step changed nothing
+    with pytest.raises(TrainingAborted, match="2 non-finite losses in a row"):
+        trainer.train_step()
