@@ -9,14 +9,10 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from engine.config import ConfigError, RunConfig, register_configs
+from engine.model.gguf import default_cache_dir
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 EXIT_USER_ERROR = 2
-
-
-def default_cache_dir() -> str:
-    """Where converted models and prepared data live: $EMBER_CACHE or <repo>/.cache/ember."""
-    return os.environ.get("EMBER_CACHE") or os.path.join(os.path.dirname(CONF_DIR), ".cache", "ember")
 
 
 def _register_resolvers() -> None:

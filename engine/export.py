@@ -157,13 +157,13 @@ def _save_tokenizer(tokenizer, folder: str, append_eos: bool) -> None:
     path = os.path.join(folder, "tokenizer.json")
     with open(path) as f:
         spec = json.load(f)
-    from engine.data.tokenize import _implicit_bos
+    from engine.data.tokenize import implicit_bos
 
     eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     special = {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}
     # Keep a BOS where the tokenizer adds one by default (Llama 3, Mistral): so does TextEncoder.
     lead = []
-    if _implicit_bos(tokenizer):
+    if implicit_bos(tokenizer):
         bos = tokenizer.bos_token
         special[bos] = {"id": bos, "ids": [tokenizer.bos_token_id], "tokens": [bos]}
         lead = [{"SpecialToken": {"id": bos, "type_id": 0}}]

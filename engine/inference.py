@@ -41,19 +41,21 @@ def run_packed(forward, token_lists: list[list[int]], batch_size: int, device: t
     return torch.stack(results)
 
 
-def embed_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
+def _in_eval_mode(task, forward, token_lists, batch_size, device, autocast_dtype) -> Tensor:
+    """Dropout off for the pass, then the task's previous mode back (evaluation runs mid-training)."""
     was_training = task.training
     task.eval()
     try:
-        return run_packed(task.embed, token_lists, batch_size, device, autocast_dtype)
+        return run_packed(forward, token_lists, batch_size, device, autocast_dtype)
     finally:
         task.train(was_training)
+
+
+def embed_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
+    """(num_texts, hidden) embeddings from an EmbeddingTask."""
+    return _in_eval_mode(task, task.embed, token_lists, batch_size, device, autocast_dtype)
 
 
 def score_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
-    was_training = task.training
-    task.eval()
-    try:
-        return run_packed(task.scores, token_lists, batch_size, device, autocast_dtype)
-    finally:
-        task.train(was_training)
+    """(num_texts,) scores from a RerankerTask."""
+    return _in_eval_mode(task, task.scores, token_lists, batch_size, device, autocast_dtype)

@@ -9,7 +9,6 @@ every time.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,10 +16,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Run as a script, Python puts launch/ on the path, not the repository that holds `engine`.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EMBER_CACHE") or REPO_ROOT / ".cache" / "ember")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.demo.faq import DemoDataError, read_manifest, write_faq_splits
 
     args = parse_args(argv)
-    cache = args.cache or default_cache_dir()
+    from engine.model.gguf import default_cache_dir
+
+    cache = args.cache or Path(default_cache_dir())
     out = args.out or cache / "demo"
     print(f"[prepare_demo] writing FAQ splits to {out}", flush=True)
     try:

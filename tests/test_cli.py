@@ -95,3 +95,22 @@ def test_train_export_evaluate_through_the_command_line(tmp_path):
         assert abs(metrics[key] - value) < 1e-6, key
     first = run_file.read_text().splitlines()[0].split()
     assert first[0] == "q0" and first[1] == "Q0" and first[2].startswith("d")
+
+
+def test_runs_under_torchrun_with_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic_examples(8))
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         os.path.join(REPO, "launch", "train.py"), f"data.train={train}", f"train.output_dir={tmp_path / 'run'}",
+         "train.max_steps=2", *TINY],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2

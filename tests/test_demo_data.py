@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -177,9 +176,10 @@ def test_cli_writes_the_splits_and_then_converts_the_model(tmp_path, monkeypatch
     prepare_demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare_demo)
     converted = []
-    fake_gguf = types.ModuleType("engine.model.gguf")
-    fake_gguf.ensure_smollm2 = lambda cache_dir: converted.append(cache_dir) or Path(cache_dir) / "smollm2"
-    monkeypatch.setitem(sys.modules, "engine.model.gguf", fake_gguf)
+    import engine.model.gguf as gguf
+
+    fake = lambda cache_dir: converted.append(cache_dir) or Path(cache_dir) / "smollm2"  # noqa: E731
+    monkeypatch.setattr(gguf, "ensure_smollm2", fake)
     monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
 
     assert prepare_demo.main(["--skip-model"]) == 0

@@ -47,7 +47,7 @@ class TextEncoder:
             raise TemplateError(
                 "a fast (Rust) tokenizer is needed for safe truncation; load it with AutoTokenizer (use_fast=True)"
             )
-        self.lead_ids = _implicit_bos(tokenizer)
+        self.lead_ids = implicit_bos(tokenizer)
         require_placeholders(task_cfg.query_template, ("query",), "task.query_template")
         require_placeholders(task_cfg.doc_template, ("document",), "task.doc_template")
         self.eos_id = self._eos_id() if task_cfg.type == "embedding" and task_cfg.append_eos else None
@@ -188,7 +188,7 @@ def token_id(tokenizer, token: str, key: str) -> int:
     return int(found)
 
 
-def _implicit_bos(tokenizer) -> list[int]:
+def implicit_bos(tokenizer) -> list[int]:
     """[bos] when the tokenizer puts BOS in front of text by default, else []."""
     bos = tokenizer.bos_token_id
     if bos is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig, RunConfig
+from engine.config import ConfigError, ModelConfig, RunConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,10 +56,21 @@ def model_args(cfg: ModelConfig):
     return args
 
 
+def select_attention_backend(name: str) -> None:
+    """model.attn_backend: which kernels.attention backend every layer uses (auto = by device)."""
+    from kernels.attention import UnknownBackendError, set_default_backend
+
+    try:
+        set_default_backend(name)
+    except UnknownBackendError as err:
+        raise ConfigError(f"model.attn_backend={name!r}: {err}") from None
+
+
 def build_backbone(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int):
     from engine.model.hf_io import load_pretrained
     from engine.model.transformer import Transformer
 
+    select_attention_backend(cfg.attn_backend)
     if cfg.path:
         model = load_pretrained(cfg.path, causal=cfg.causal, dtype=dtype, device=device)
     else:

@@ -20,10 +20,11 @@ def evaluate_task(task, text_encoder, examples, cfg, device: torch.device, autoc
         def encode_documents(texts):
             return embed_tokens(task, text_encoder.documents(texts), batch_size, device, autocast_dtype)
 
-        return evaluate_embedding(encode_queries, encode_documents, examples, ks=ks, save_run=save_run)
+        return evaluate_embedding(encode_queries, encode_documents, examples, ks=ks, save_run=save_run,
+                                  batch_size=batch_size)
 
     def score_pairs(batch, documents):
         tokens = text_encoder.pairs([e.query for e in batch], documents, [e.prompt for e in batch])
         return score_tokens(task, tokens, batch_size, device, autocast_dtype)
 
-    return evaluate_reranker(score_pairs, examples, ks=ks, save_run=save_run)
+    return evaluate_reranker(score_pairs, examples, ks=ks, save_run=save_run, batch_size=batch_size)

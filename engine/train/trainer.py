@@ -202,6 +202,10 @@ class Trainer:
                 self.logger.log(record)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if progress.disable and (self.step % 5 == 0 or self.step == cfg.max_steps):
+                # No terminal (CI, batch jobs, pipes): a plain line instead of the bar.
+                log(f"step {self.step}/{cfg.max_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                    f"{record['tokens_per_s']:.0f} tokens/s")
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
                 last_saved = self.step

@@ -56,6 +56,7 @@ def test_smollm2_hidden_states_match_transformers(smollm2):
 
 def test_smollm2_packed_float64_matches_transformers_exactly(smollm2):
     folder, hf, seqs = smollm2
+    seqs = seqs[:3]  # float64 is slow on CPU; three sequences (one of a single token) are enough
     ours = load_pretrained(folder, dtype=torch.float64)
     hf64 = hf.to(torch.float64)
     try:
