@@ -48,7 +48,7 @@ def peer_step_fn(trainer: Trainer, path: str, rank: int, alpha: float):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path, torch_dtype=torch.float32)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -26,9 +26,8 @@ class RerankerTask(nn.Module):
                 yes_no_ids = yes_no_token_ids(tokenizer, cfg)
             self.yes_no_ids = yes_no_ids
         else:
-            hidden = backbone.model.embed_tokens.weight.shape[1]
-            self.score = nn.Linear(hidden, 1, bias=False)
-            self.score.to(device=backbone.model.embed_tokens.weight.device)
+            embed = backbone.model.embed_tokens.weight
+            self.score = nn.Linear(embed.shape[1], 1, bias=False, dtype=embed.dtype, device=embed.device)
 
     def scores(self, pairs: PackedSequences) -> Tensor:
         hidden = self.backbone(

@@ -185,15 +185,13 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> dict:
+        """Run to train.max_steps; return the zero-shot (step 0) and final evaluation metrics."""
         from tqdm import tqdm
 
         cfg = self.cfg.train
-        results = {"zero_shot": None, "final": None}
-        if self.step == 0:
-            results["zero_shot"] = self.evaluate()
-        last_saved = last_evaluated = self.step
-        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                        disable=None)
+        results = {"zero_shot": self.evaluate() if self.step == 0 else None, "final": None}
+        last_saved = self.step
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
         while self.step < cfg.max_steps:
             start = time.perf_counter()
             record = self.train_step()
@@ -209,15 +207,12 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
                 last_saved = self.step
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
-                last_evaluated = self.step
         progress.close()
         if cfg.save_final and last_saved != self.step:
             self.save()
-        if last_evaluated != self.step or self.step == 0:
-            results["final"] = self.evaluate(save_run=self.cfg.eval.save_run or None)
-        else:
-            results["final"] = results["zero_shot"] if self.step == 0 else None
+        # The final evaluation always runs at the end (it also writes eval.save_run).
+        results["final"] = self.evaluate(save_run=self.cfg.eval.save_run or None) if self.step > 0 else results["zero_shot"]
         self.logger.close()
         return results
