@@ -56,9 +56,22 @@ USAGE = """usage: python {prog} [KEY=VALUE ...] [+exp=NAME]
   Every key is documented in docs/config.md."""
 
 
+def user_error_types() -> tuple[type[Exception], ...]:
+    """Mistakes in what the user handed in (config, data, model folders, templates): no traceback."""
+    from engine.data.formats import DataError
+    from engine.data.templates import TemplateError
+    from engine.eval.retrieval import EvalDataError
+    from engine.model.args import ModelArgsError
+    from engine.model.gguf import GGUFError
+    from engine.model.hf_io import CheckpointError
+    from engine.model.lora import LoRAError
+
+    return (ConfigError, DataError, TemplateError, EvalDataError, ModelArgsError, GGUFError, CheckpointError,
+            LoRAError)
+
+
 def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train") -> None:
     """Run main(argv); user errors (config, data, files) print one line each and exit 2."""
-    from engine.data.formats import DataError
 
     argv = sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
@@ -66,11 +79,9 @@ def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train")
         sys.exit(0)
     try:
         code = main(argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except DataError as err:
-        print(str(err), file=sys.stderr)
+    except user_error_types() as err:
+        prefix = "config error: " if isinstance(err, ConfigError) else ""
+        print(f"{prefix}{err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

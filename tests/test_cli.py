@@ -114,3 +114,20 @@ def test_runs_under_torchrun_with_one_process(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_entry_point_mistakes_are_one_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_examples(4))
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "config.json").write_text('{"model_type": "gpt2"}')
+    cases = [
+        ("export.py", ["output=/tmp/x"], "checkpoint=... is required"),
+        ("export.py", [f"checkpoint={tmp_path}", "output=/tmp/x", "color=red"], "unknown argument"),
+        ("evaluate.py", [f"model.path={tmp_path / 'not_a_model'}"], "data.eval is required"),
+        ("evaluate.py", [f"model.path={tmp_path / 'not_a_model'}", f"data.eval={data}"], "gpt2"),
+        ("train.py", [f"data.train={data}", f"train.output_dir={tmp_path / 'r'}", f"train.resume={tmp_path}"],
+         "not a complete checkpoint"),
+    ]
+    for script, args, fragment in cases:
+        lines = assert_one_line_error(run_entry(script, *args), fragment)
+        assert len(lines) == 1, (script, lines)

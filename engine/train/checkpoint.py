@@ -131,4 +131,8 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
+    if not is_complete(resume):
+        from engine.config import ConfigError
+
+        raise ConfigError(f"train.resume={resume}: not a complete checkpoint folder (step_XXXXXXXX with {STATE_FILE})")
     return resume

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 
 import torch
 
@@ -152,7 +153,11 @@ class Trainer:
             self.bad_steps_in_a_row = 0
         else:
             self._skip_bad_step(loss)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step count, skipped steps included; torch warns when the
+            # very first optimizer step was the skipped one.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         self.step += 1
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
