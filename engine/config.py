@@ -83,13 +83,14 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
+    # Sequences are always packed with cu_seqlens (no padding anywhere in training): varlen
+    # attention makes a padded batch strictly slower, so there is no switch for it.
     train: str = ""  # JSONL file (ms-swift or FlagEmbedding format, see docs/data.md)
     eval: str = ""  # held-out JSONL in the same formats; "" = no evaluation
     on_error: str = "fail"  # fail | skip: what a malformed line does
     query_max_len: int = 128  # tokens, template included
     doc_max_len: int = 512
     max_len: int = 1024  # reranker: query + document, template included
-    packing: bool = True  # pack sequences with cu_seqlens (no padding)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Estimates, not measurements. Activation memory per transformer layer follows Korthikanti et
 al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"): about 34*s*b*h bytes
 in 16-bit with flash attention (no s^2 term), divided by tp under Megatron sequence
-parallelism and by ulysses*ring under context parallelism. Activation checkpointing keeps only
+parallelism (s*b*h*(10 + 24/tp) without it) and by ulysses*ring under context parallelism. Activation checkpointing keeps only
 each layer's 2-byte input plus one layer being recomputed.
 """
 from __future__ import annotations
@@ -70,7 +70,10 @@ def plan_memory(cfg, args, total_params: int, layout) -> MemoryPlan:
     tokens_per_rank = tokens / (layout.ulysses * layout.ring)
     layers_per_stage = -(-args.num_layers // layout.pp)
     h = args.hidden_size
-    full_layer = 34 * tokens_per_rank * h / layout.tp
+    # Korthikanti et al.: 34sbh/t with sequence parallelism, sbh(10 + 24/t) without it
+    # (norms and dropouts then hold full activations on every tp rank).
+    per_token = 34 / layout.tp if cfg.parallel.sequence_parallel or layout.tp == 1 else 10 + 24 / layout.tp
+    full_layer = per_token * tokens_per_rank * h
     if cfg.model.gradient_checkpointing:
         activations = layers_per_stage * 2 * tokens_per_rank * h + full_layer
     else:
