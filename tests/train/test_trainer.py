@@ -94,14 +94,27 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path, tiny_data):
     assert resumed.step == 2
 
 
-def test_grad_cache_step_equals_plain_step(tmp_path, tiny_data):
-    plain = make_trainer(tmp_path / "a", tiny_data, "train.max_steps=2", "task=embedding")
-    cached = make_trainer(tmp_path / "b", tiny_data, "train.max_steps=2", "task=embedding",
+# No dropout here: grad-cache draws its masks chunk by chunk, the plain step in one go, so with
+# dropout the two are equal in distribution only (tests/train/test_grad_cache.py checks the
+# chunk replay itself with dropout on).
+@pytest.mark.parametrize("task", [["task=embedding", "lora.rank=4"], ["task=reranker"]])
+def test_grad_cache_step_equals_plain_step(tmp_path, tiny_data, task):
+    plain = make_trainer(tmp_path / "a", tiny_data, "train.max_steps=2", *task)
+    cached = make_trainer(tmp_path / "b", tiny_data, "train.max_steps=2", *task,
                           "train.grad_cache=true", "train.grad_cache_chunk=3")
+    # Compare gradients, not parameters after AdamW: Adam turns noise-level gradient
+    # differences (float summation order) into full-size updates. In float64 so that the
+    # comparison is about the algorithm, not about fp32 summation order across chunks.
     for trainer in (plain, cached):
-        trainer.train_step()
+        trainer.model.double()
+        batch = trainer.collator([trainer.train_examples[i] for i in trainer.sampler.indices(0)], 0)
+        loss = trainer._forward_backward(batch, 1.0)
+    assert plain.params and len(plain.params) == len(cached.params)
     for (name, p), (_, q) in zip(plain.model.named_parameters(), cached.model.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        if p.requires_grad:
+            scale = p.grad.abs().max().item()
+            assert (q.grad - p.grad).abs().max().item() <= 1e-10 * scale, name
+    assert loss > 0
 
 
 def test_non_finite_loss_is_skipped_then_aborts(tmp_path, tiny_data):
