@@ -74,7 +74,9 @@ def _read_tensor(path: str, name: str) -> torch.Tensor:
             filename = json.load(f)["weight_map"].get(name, filename)
     with safe_open(os.path.join(path, filename), framework="pt") as f:
         if name not in f.keys():
-            raise ValueError(f"{path}: task.head=linear but the weights have no {name}")
+            from engine.model.hf_io import CheckpointError
+
+            raise CheckpointError(f"{path}: task.head=linear but the weights have no {name}")
         return f.get_tensor(name)
 
 

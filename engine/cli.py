@@ -35,8 +35,23 @@ def compose(overrides: list[str], config_name: str = "train") -> tuple[RunConfig
         OmegaConf.resolve(node)
         cfg: RunConfig = OmegaConf.to_object(node)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_unparsable_override(overrides) or _one_line(err)) from None
     return cfg, OmegaConf.to_yaml(node)
+
+
+def _unparsable_override(overrides: list[str]) -> str | None:
+    """Hydra's grammar errors do not say which argument broke; find it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception as err:  # noqa: BLE001 (any parse failure names this argument)
+            reason = str(err).strip().splitlines()[0]
+            return (f"cannot parse the argument {override!r}: {reason} "
+                    "(quote values with special characters: key='value')")
+    return None
 
 
 def _one_line(err: BaseException) -> str:
@@ -60,14 +75,16 @@ def user_error_types() -> tuple[type[Exception], ...]:
     """Mistakes in what the user handed in (config, data, model folders, templates): no traceback."""
     from engine.data.formats import DataError
     from engine.data.templates import TemplateError
+    from engine.eval.metrics import MetricsInputError
     from engine.eval.retrieval import EvalDataError
+    from engine.losses import LossInputError
     from engine.model.args import ModelArgsError
     from engine.model.gguf import GGUFError
     from engine.model.hf_io import CheckpointError
     from engine.model.lora import LoRAError
 
     return (ConfigError, DataError, TemplateError, EvalDataError, ModelArgsError, GGUFError, CheckpointError,
-            LoRAError)
+            LoRAError, MetricsInputError, LossInputError)
 
 
 def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train") -> None:

@@ -66,7 +66,8 @@ class TaskConfig:
     doc_template: str = "{document}"
     temperature: float = 0.05
     in_batch_negatives: bool = True  # other queries' candidates are negatives too
-    false_negative_margin: Optional[float] = None  # e.g. 0.1: drop candidates scoring above positive + margin
+    false_negative_mask: bool = False  # drop candidates scoring above the positive + margin (never the positive)
+    false_negative_margin: float = 0.1  # the margin of that mask (Qwen3-Embedding uses 0.1)
     query_query: bool = False  # Qwen3-Embedding: other queries as negatives
     doc_doc: bool = False  # Qwen3-Embedding: other documents as negatives of the positive
     # --- reranker ---
@@ -193,6 +194,15 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     _positive("train.save_every", tr.save_every, allow_zero=True)
     _positive("train.eval_every", tr.eval_every, allow_zero=True)
     _positive("train.max_bad_steps", tr.max_bad_steps)
+    _positive("train.log_every", tr.log_every)
+    _positive("task.distill_temperature", t.distill_temperature)
+    _positive("task.false_negative_margin", t.false_negative_margin, allow_zero=True)
+    _positive("eval.batch_size", cfg.eval.batch_size)
+    _positive("eval.max_queries", cfg.eval.max_queries, allow_zero=True)
+    if not cfg.eval.k or min(cfg.eval.k) < 1:
+        raise ConfigError(f"eval.k={list(cfg.eval.k)} must be a non-empty list of cut-offs >= 1")
+    if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):
+        raise ConfigError(f"train.betas={list(tr.betas)} must be two numbers in [0, 1)")
     _positive("lora.rank", cfg.lora.rank, allow_zero=True)
     for key in ("query_max_len", "doc_max_len", "max_len"):
         _positive(f"data.{key}", getattr(d, key))
@@ -208,6 +218,10 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
         raise ConfigError("task.loss=listwise needs task.num_negatives >= 1 (a group of one has no ranking)")
     if not m.path:
         _validate_architecture(m)
+    if cfg.export.output_dir and t.type == "embedding":
+        from engine.export import check_sentence_transformers_templates
+
+        check_sentence_transformers_templates(t)
     for key in ("tp", "pp", "ulysses", "ring"):
         _positive(f"parallel.{key}", getattr(p, key))
     if not tr.dry_run:

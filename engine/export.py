@@ -190,25 +190,36 @@ def _save_tokenizer(tokenizer, folder: str, append_eos: bool) -> None:
             json.dump(tok_config, f, indent=1)
 
 
+def check_sentence_transformers_templates(task_cfg) -> None:
+    """sentence-transformers prompts are prefixes: templates with text after the slot cannot export."""
+    from engine.config import ConfigError
+
+    for key, slot in (("query_template", "{query}"), ("doc_template", "{document}")):
+        template = getattr(task_cfg, key)
+        if template.partition(slot)[2]:
+            raise ConfigError(
+                f"task.{key}={template!r} has text after {slot}: sentence-transformers prompts are prefixes, "
+                "so an embedding with this template cannot be exported for it"
+            )
+
+
 def query_prompt(task_cfg) -> str:
-    """The text before the query in the query template (sentence-transformers prompts are prefixes)."""
-    template = task_cfg.query_template
+    """The text before the query in the query template."""
     if not task_cfg.query_instruction:
         return ""
-    prefix, _, suffix = template.partition("{query}")
-    if suffix:
-        raise ValueError(
-            f"task.query_template={template!r} has text after {{query}}: sentence-transformers prompts are "
-            "prefixes, so this template cannot be exported for it"
-        )
-    return prefix.replace("{instruction}", task_cfg.query_instruction)
+    return task_cfg.query_template.partition("{query}")[0].replace("{instruction}", task_cfg.query_instruction)
 
 
 def _write_sentence_transformers_files(cfg: RunConfig, hidden: int, folder: str) -> None:
     t = cfg.task
-    doc_prefix, _, doc_suffix = t.doc_template.partition("{document}")
-    if doc_suffix:
-        raise ValueError(f"task.doc_template={t.doc_template!r} has text after {{document}}: cannot export")
+    check_sentence_transformers_templates(t)
+    doc_prefix = t.doc_template.partition("{document}")[0]
+    if cfg.data.query_max_len != cfg.data.doc_max_len:
+        # sentence-transformers truncates every text at one length; the engine cuts queries and
+        # documents at their own. Texts within both limits embed identically.
+        print(f"[ember] note: sentence-transformers truncates queries and documents alike at "
+              f"{max(cfg.data.query_max_len, cfg.data.doc_max_len)} tokens; the engine cuts queries at "
+              f"data.query_max_len={cfg.data.query_max_len}", flush=True)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

@@ -7,7 +7,7 @@ import time
 from tests.conftest import run_entry, synthetic_examples, write_jsonl
 
 TINY = ["train.batch_size=4", "task.num_negatives=2", "train.tensorboard=false",
-        "data.query_max_len=24", "data.doc_max_len=24"]
+        "task.query_instruction=find the item", "data.query_max_len=64", "data.doc_max_len=24"]
 
 
 def assert_one_line_error(result, *fragments):
@@ -49,6 +49,13 @@ def test_config_errors_are_one_line(tmp_path):
         (["train.batch_size=6", "train.grad_accum=4"], "train.grad_accum"),
         (["data.train=/nonexistent.jsonl"], "/nonexistent.jsonl"),
         (["model.num_heads=3"], "model.num_heads"),
+        (["train.log_every=0"], "train.log_every"),
+        (["eval.k=[0]"], "eval.k"),
+        (["train.betas=[0.9]"], "train.betas"),
+        (["task.distill_temperature=0"], "task.distill_temperature"),
+        (["train.device=cuda"], "train.device=cuda"),
+        (["task.query_template='Q: {query} (end)'", "export.output_dir=/tmp/x"], "task.query_template"),
+        (["task.query_template=Q: {query}"], "task.query_template=Q: {query}"),
     ]
     for overrides, fragment in cases:
         result = run_entry("train.py", f"data.train={data}", f"train.output_dir={tmp_path / 'r'}", *overrides)

@@ -41,9 +41,12 @@ def cosine(a, b):
 def test_sentence_transformers_gives_the_engine_embeddings(tmp_path, tiny_data, overrides):
     from sentence_transformers import SentenceTransformer
 
-    trainer, checkpoint = trained_checkpoint(tmp_path, tiny_data, "task=embedding", *overrides)
+    # One length for both: sentence-transformers truncates every text at max_seq_length.
+    trainer, checkpoint = trained_checkpoint(tmp_path, tiny_data, "task=embedding", "data.doc_max_len=64", *overrides)
     out = export_checkpoint(checkpoint, str(tmp_path / "export"))
     st = SentenceTransformer(out, device="cpu")
+    query_tokens = trainer.text_encoder.queries(QUERIES, [None] * len(QUERIES))
+    assert query_tokens[0] != query_tokens[1]  # the queries' own words survive truncation
     for texts, is_query in ((DOCS, False), (QUERIES, True)):
         expected = engine_embeddings(trainer, texts, is_query)
         kwargs = {"prompt_name": "query"} if is_query else {}

@@ -85,7 +85,8 @@ def build_eval_set(examples: Sequence[Example]) -> EvalSet:
     qrels: dict[str, dict[str, int]] = {}
     first_of_qid: dict[str, int] = {}
     for n, ex in enumerate(examples):
-        qid = ex.query_id if ex.query_id is not None else f"q{n}"
+        # qN is line N of the file (0-based), so ids stay put when blank or skipped lines are present.
+        qid = ex.query_id if ex.query_id is not None else f"q{ex.line - 1 if ex.line > 0 else n}"
         if qid in first_of_qid:
             # Several lines of one query (one line per positive, say) add to the same judgments.
             first = queries[first_of_qid[qid]]

@@ -28,7 +28,7 @@ class EmbeddingTask(nn.Module):
         c = self.cfg
         return info_nce(
             queries, docs, group_size=batch.group_size, temperature=c.temperature,
-            in_batch_negatives=c.in_batch_negatives, false_negative_margin=c.false_negative_margin,
+            in_batch_negatives=c.in_batch_negatives, false_negative_margin=c.false_negative_margin if c.false_negative_mask else None,
             query_query=c.query_query, doc_doc=c.doc_doc,
         )
 

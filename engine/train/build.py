@@ -12,7 +12,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible")
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
     return torch.device(name)
 
 

@@ -128,6 +128,13 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
 def resolve_resume(resume: str, run_dir: str) -> str | None:
     """train.resume: '' (fresh), 'auto' (newest complete checkpoint, or fresh), or a folder."""
     if not resume:
+        if list_checkpoints(run_dir):
+            from engine.config import ConfigError
+
+            raise ConfigError(
+                f"train.output_dir={run_dir} already holds checkpoints of a run: train.resume=auto continues it, "
+                "or pick another train.output_dir"
+            )
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)

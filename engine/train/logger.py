@@ -23,8 +23,15 @@ class MetricsLogger:
         """On resume, drop lines the interrupted run wrote past the checkpoint it resumes from."""
         if not (self.enabled and os.path.exists(self.path)):
             return
+        kept = []
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the crash we are resuming from
+                if record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
         with open(self.path, "w") as f:
             f.writelines(kept)
 

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from engine.config import RunConfig
+from engine.config import ConfigError, RunConfig
 from engine.data.collate import Collator
 from engine.data.formats import load_examples
 from engine.data.sampler import BatchSampler
@@ -36,6 +36,16 @@ def log(message: str) -> None:
     print(f"[ember] {message}", flush=True)
 
 
+def _check_teacher_scores(cfg: RunConfig, examples) -> None:
+    if cfg.task.type == "reranker" and cfg.task.loss == "distill":
+        missing = next((e for e in examples if e.pos_scores is None or e.neg_scores is None), None)
+        if missing is not None:
+            raise ConfigError(
+                f"task.loss=distill needs teacher scores on every line: {cfg.data.train}:{missing.line} "
+                "has no pos_scores/neg_scores"
+            )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, config_yaml: str):
         self.cfg = cfg
@@ -54,6 +64,7 @@ class Trainer:
         log(f"data: {len(self.train_examples)} training examples from {cfg.data.train}"
             + (f", {len(self.eval_examples)} evaluation queries from {cfg.data.eval}" if cfg.data.eval else ""))
 
+        _check_teacher_scores(cfg, self.train_examples)
         self.tokenizer = load_tokenizer(cfg.model)
         self.text_encoder = TextEncoder(self.tokenizer, cfg.task, cfg.data)
         self.model = build_task_model(cfg, self.device, self.tokenizer)
@@ -142,9 +153,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, tokens = 0.0, 0
         for part in range(cfg.grad_accum):
-            batch = self.collator(examples[part * micro : (part + 1) * micro], self.step).to(self.device)
+            batch = self.collator(examples[part * micro : (part + 1) * micro], self.step,
+                                  first_position=part * micro).to(self.device)
             tokens += batch.num_tokens
-            loss += self._forward_backward(batch, 1.0 / cfg.grad_accum)
+            loss += self._forward_backward(batch, 1.0 / cfg.grad_accum) / cfg.grad_accum
         lr = self.optimizer.param_groups[0]["lr"]
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))

@@ -182,3 +182,12 @@ def test_encoder_returning_the_wrong_number_of_rows_is_reported():
         evaluate_embedding(lambda qs: torch.zeros(1, 3), lambda ds: torch.zeros(len(ds), 3), fruit_examples())
     with pytest.raises(EvalDataError, match="scores for"):
         evaluate_reranker(lambda qs, ds: torch.zeros(1), fruit_examples())
+
+
+def test_query_ids_are_zero_based_file_lines_even_with_blank_and_skipped_lines(tmp_path):
+    from engine.data.formats import load_examples
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{not json\n{"query": "a", "pos": ["x"]}\n\n{"query": "b", "pos": ["y"]}\n')
+    examples = load_examples(str(path), on_error="skip", warn=lambda message: None)
+    assert build_eval_set(examples).qids == ["q1", "q3"]

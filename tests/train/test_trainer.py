@@ -9,18 +9,22 @@ import pytest
 import torch
 
 from engine.cli import compose
+from engine.config import ConfigError, validate
 from engine.train import checkpoint as ckpt
 from engine.train.trainer import Trainer, TrainingAborted
 from tests.conftest import read_metrics
 
+# A short instruction: with the byte tokenizer the default one alone would fill query_max_len.
 TINY = ["train.batch_size=4", "task.num_negatives=2", "train.lr=1e-3", "train.tensorboard=false",
-        "data.query_max_len=24", "data.doc_max_len=24", "data.max_len=320", "eval.batch_size=8"]
+        "task.query_instruction=find the item", "task.instruction=find the item",
+        "data.query_max_len=64", "data.doc_max_len=24", "data.max_len=256", "eval.batch_size=8"]
 
 
 def make_trainer(run_dir, data, *overrides):
     train, evaluation = data
     cfg, yaml = compose(TINY + [f"train.output_dir={run_dir}", f"data.train={train}", f"data.eval={evaluation}",
                                 *overrides])
+    validate(cfg)
     return Trainer(cfg, yaml)
 
 
@@ -127,3 +131,37 @@ def test_non_finite_loss_is_skipped_then_aborts(tmp_path, tiny_data):
         assert torch.equal(p, q)  # the bad step changed nothing
     with pytest.raises(TrainingAborted, match="2 non-finite losses in a row"):
         trainer.train_step()
+
+
+def test_grad_accum_logs_the_mean_loss_and_the_same_gradient(tmp_path, tiny_data):
+    # Without in-batch negatives every query's loss is its own, so splitting the batch into
+    # micro-batches must give the same loss and gradient as one batch.
+    common = ["train.max_steps=1", "task.in_batch_negatives=false", "train.clip_grad_norm=0"]
+    one = make_trainer(tmp_path / "a", tiny_data, *common)
+    four = make_trainer(tmp_path / "b", tiny_data, *common, "train.grad_accum=4")
+    r1, r4 = one.train_step(), four.train_step()
+    assert r1["loss"] == pytest.approx(r4["loss"], rel=1e-5)  # fp32 means taken in another order
+    assert r1["grad_norm"] == pytest.approx(r4["grad_norm"], rel=1e-5)
+
+
+def test_a_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path, tiny_data):
+    make_trainer(tmp_path / "run", tiny_data, "train.max_steps=1").train()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        make_trainer(tmp_path / "run", tiny_data, "train.max_steps=1")
+
+
+def test_resume_survives_a_metrics_line_cut_short_by_the_crash(tmp_path, tiny_data):
+    make_trainer(tmp_path / "run", tiny_data, "train.max_steps=2").train()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    resumed = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=3", "train.resume=auto")
+    resumed.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+
+
+def test_distill_without_teacher_scores_fails_before_the_model_is_built(tmp_path):
+    from tests.conftest import synthetic_examples, write_jsonl
+
+    data = write_jsonl(tmp_path / "t.jsonl", synthetic_examples(8))
+    with pytest.raises(ConfigError, match=r"t.jsonl:1 has no pos_scores"):
+        make_trainer(tmp_path / "run", (data, ""), "task=reranker", "task.loss=distill")
