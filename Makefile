@@ -25,12 +25,15 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# The demos always start fresh (a run folder with checkpoints is otherwise only resumed on request).
 demo: install
 	$(BIN)/python launch/prepare_demo.py
+	rm -rf outputs/demo
 	$(BIN)/python launch/train.py +exp=demo
 
 demo-reranker: install
 	$(BIN)/python launch/prepare_demo.py
+	rm -rf outputs/demo_reranker
 	$(BIN)/python launch/train.py +exp=demo_reranker
 
 clean:
