@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from engine.config import RunConfig
+from engine.train.build import DTYPES
 
 TASK_FILE = "ember_task.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FAMILY_CLASS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 
 
@@ -56,7 +56,7 @@ def export_task(task, cfg: RunConfig, tokenizer, output_dir: str) -> str:
     tmp = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    dtype = _DTYPES[cfg.export.dtype]
+    dtype = DTYPES[cfg.export.dtype]
     if cfg.lora.rank > 0 and not cfg.export.merge_lora:
         _write_adapter(task, cfg, tokenizer, tmp)
     else:
@@ -101,8 +101,9 @@ def _hf_config(backbone, architecture: str, tokenizer, dtype: torch.dtype, **ext
 
 
 def _save_weights(state: dict[str, torch.Tensor], folder: str, dtype: torch.dtype) -> None:
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    from engine.model.hf_io import write_safetensors
+
+    write_safetensors({k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in state.items()}, folder)
 
 
 def _write_json(folder: str, name: str, value) -> None:

@@ -35,10 +35,7 @@ def main(argv: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("WORLD_SIZE > 1: data parallelism is not available in this version; run one process")
 
-    from engine.train.checkpoint import resolve_resume
     from engine.train.trainer import Trainer, TrainingAborted
-
-    resolve_resume(cfg.train.resume, cfg.train.output_dir)  # a bad resume path fails before any model is built
 
     trainer = Trainer(cfg, config_yaml)
     try:

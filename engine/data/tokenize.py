@@ -109,10 +109,7 @@ class TextEncoder:
         return [self.prefix_ids + body + self.suffix_ids for body in bodies]
 
     def yes_no_token_ids(self) -> tuple[int, int]:
-        """Vocabulary ids of task.yes_token and task.no_token (the reranker's two logits)."""
-        return token_id(self.tokenizer, self.task.yes_token, "task.yes_token"), token_id(
-            self.tokenizer, self.task.no_token, "task.no_token"
-        )
+        return yes_no_token_ids(self.tokenizer, self.task)
 
     # ---- truncation --------------------------------------------------------------------
 
@@ -177,6 +174,12 @@ class TextEncoder:
         if eos is None:
             raise TemplateError("task.append_eos=true but the tokenizer has no EOS token (set task.append_eos=false)")
         return int(eos)
+
+
+def yes_no_token_ids(tokenizer, task_cfg) -> tuple[int, int]:
+    """Vocabulary ids of task.yes_token and task.no_token (the reranker's two logits)."""
+    return (token_id(tokenizer, task_cfg.yes_token, "task.yes_token"),
+            token_id(tokenizer, task_cfg.no_token, "task.no_token"))
 
 
 def token_id(tokenizer, token: str, key: str) -> int:

@@ -84,8 +84,14 @@ def save_pretrained(
     model: Transformer, folder: str, dtype: torch.dtype = torch.float32, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> None:
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) into `folder`."""
+    write_safetensors(_export_state_dict(model, dtype), folder, max_shard_bytes)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.args.to_hf_config(dtype), f, indent=2)
+
+
+def write_safetensors(state: dict[str, Tensor], folder: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """HF's weight layout: model.safetensors, or numbered shards plus an index above max_shard_bytes."""
     os.makedirs(folder, exist_ok=True)
-    state = _export_state_dict(model, dtype)
     shards = _split_into_shards(state, max_shard_bytes)
     for stale in glob.glob(os.path.join(folder, "model*.safetensors")) + glob.glob(os.path.join(folder, INDEX_FILE)):
         os.remove(stale)  # a previous save with another shard count must not shadow this one
@@ -100,8 +106,6 @@ def save_pretrained(
         total_size = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(folder, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(model.args.to_hf_config(dtype), f, indent=2)
 
 
 def _export_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, Tensor]:

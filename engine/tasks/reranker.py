@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from engine.data.batch import PackedSequences, RerankerBatch
-from engine.data.tokenize import token_id
+from engine.data.tokenize import yes_no_token_ids
 from engine.losses import distill_kl, listwise_ce, pointwise_bce
 from engine.tasks.pooling import pool
 
@@ -59,10 +59,6 @@ class RerankerTask(nn.Module):
 
     def forward(self, batch: RerankerBatch) -> Tensor:
         return self.loss_from_outputs([self.scores(batch.pairs)], batch)
-
-
-def yes_no_token_ids(tokenizer, cfg) -> tuple[int, int]:
-    return token_id(tokenizer, cfg.yes_token, "task.yes_token"), token_id(tokenizer, cfg.no_token, "task.no_token")
 
 
 def _positive_first_labels(scores: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ import torch
 
 from engine.config import ConfigError, ModelConfig, RunConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -20,7 +20,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Parameter dtype. auto: fp32 weights everywhere (bf16 autocast does the GPU compute)."""
     if name == "auto":
         return torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
@@ -52,8 +52,7 @@ def model_args(cfg: ModelConfig):
     if cfg.path:
         with open(os.path.join(cfg.path, "config.json")) as f:
             return ModelArgs.from_hf_config(json.load(f), causal=cfg.causal)
-    args = ModelArgs.from_model_config(cfg)
-    return args
+    return ModelArgs.from_model_config(cfg)
 
 
 def select_attention_backend(name: str) -> None:

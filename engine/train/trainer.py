@@ -55,6 +55,8 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.autocast_dtype = autocast_dtype(cfg.model, self.device)
+        # A bad or conflicting resume request fails before any data or model is loaded.
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.run_dir)
 
         # Data first: a bad file fails before any model is built.
         self.train_examples = load_examples(cfg.data.train, on_error=cfg.data.on_error, warn=log)
@@ -101,7 +103,7 @@ class Trainer:
         }
 
     def _maybe_resume(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.train.resume, self.run_dir)
+        path = self.resume_from
         if path is None:
             if self.cfg.train.resume == "auto":
                 log("train.resume=auto: no complete checkpoint yet, starting fresh")
