@@ -98,6 +98,8 @@ def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train")
         code = main(argv)
     except user_error_types() as err:
         prefix = "config error: " if isinstance(err, ConfigError) else ""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank reports, each says who it is
+            prefix = f"[rank {os.environ.get('RANK', '?')}] {prefix}"
         print(f"{prefix}{err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:

@@ -53,9 +53,10 @@ def _in_eval_mode(task, forward, token_lists, batch_size, device, autocast_dtype
 
 def embed_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
     """(num_texts, hidden) embeddings from an EmbeddingTask."""
-    return _in_eval_mode(task, task.embed, token_lists, batch_size, device, autocast_dtype)
+    # encode_tower, not embed: it is the method a data-parallel (FSDP) model registers as a forward.
+    return _in_eval_mode(task, task.encode_tower, token_lists, batch_size, device, autocast_dtype)
 
 
 def score_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
     """(num_texts,) scores from a RerankerTask."""
-    return _in_eval_mode(task, task.scores, token_lists, batch_size, device, autocast_dtype)
+    return _in_eval_mode(task, task.encode_tower, token_lists, batch_size, device, autocast_dtype)

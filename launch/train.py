@@ -2,6 +2,7 @@
 
     python launch/train.py +exp=demo
     torchrun --nproc_per_node=1 launch/train.py task=reranker data.train=train.jsonl train.max_steps=100
+    torchrun --nproc_per_node=4 launch/train.py +exp=demo parallel.tp=2     # tp 2 x dp 2
     python launch/train.py +exp=reranker_70b train.dry_run=true
 
 Hydra-style overrides over conf/train.yaml; every key is in docs/config.md.
@@ -26,18 +27,24 @@ def main(argv: list[str]) -> int:
 
         dry_run(cfg)
         return 0
-    p = cfg.parallel
-    if max(p.tp, p.pp, p.ulysses, p.ring) > 1:
-        raise ConfigError(
-            f"parallel tp={p.tp} pp={p.pp} ulysses={p.ulysses} ring={p.ring}: only the single-process layout "
-            "trains in this version; train.dry_run=true plans larger layouts"
-        )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("WORLD_SIZE > 1: data parallelism is not available in this version; run one process")
+    # The layout is checked against the model and batch before any process group or model exists.
+    from engine.parallel.layout import check_trainable_layout, layout_from_config
+    from engine.parallel.mesh import init_mesh, shutdown
+    from engine.train.build import model_args, resolve_device
 
+    layout = layout_from_config(cfg.parallel, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_trainable_layout(cfg, layout, model_args(cfg.model))
+    mesh = init_mesh(layout, resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, config_yaml, mesh)
+    finally:
+        shutdown(mesh)
+
+
+def _train(cfg, config_yaml: str, mesh) -> int:
     from engine.train.trainer import Trainer, TrainingAborted
 
-    trainer = Trainer(cfg, config_yaml)
+    trainer = Trainer(cfg, config_yaml, mesh)
     try:
         results = trainer.train()
     except TrainingAborted as err:
@@ -48,11 +55,15 @@ def main(argv: list[str]) -> int:
         if results.get(when):
             summary[when] = results[when]
     if cfg.export.output_dir:
-        from engine.export import export_task
+        full_model = trainer.full_model()  # collective: every rank hands over its shards
+        if mesh.is_logging_rank:
+            from engine.export import export_task
 
-        export_task(trainer.model, cfg, trainer.tokenizer, cfg.export.output_dir)
-        summary["export"] = cfg.export.output_dir
-        print(f"[ember] exported the final model to {cfg.export.output_dir}")
+            export_task(full_model, cfg, trainer.tokenizer, cfg.export.output_dir)
+            summary["export"] = cfg.export.output_dir
+            print(f"[ember] exported the final model to {cfg.export.output_dir}")
+    if not mesh.is_logging_rank:
+        return 0
     if results.get("zero_shot") and results.get("final"):
         for k in cfg.eval.k[-1:]:
             before, after = results["zero_shot"][f"mrr@{k}"], results["final"][f"mrr@{k}"]

@@ -33,15 +33,20 @@ class Collator:
     def group_size(self) -> int:
         return 1 + self.task.num_negatives
 
-    def __call__(self, examples: list[Example], step: int, first_position: int = 0) -> EmbeddingBatch | RerankerBatch:
-        """`first_position`: where this micro-batch starts in the step's global batch (a dp
-        rank's or accumulation chunk's offset), so the choices do not depend on the layout."""
+    def __call__(self, examples: list[Example], step: int, first_position: int = 0,
+                 rows: range | None = None) -> EmbeddingBatch | RerankerBatch:
+        """`first_position`: where `examples` start in the step's global batch (an accumulation
+        chunk's offset), so the choices do not depend on the layout. `rows`: collate only these
+        examples (a data-parallel rank's share) while negatives borrowed from other queries
+        still come from the whole list, as they would in one process."""
         if not examples:
             raise DataError("cannot collate an empty batch")
-        groups = [self._group(examples, i, step, first_position + i) for i in range(len(examples))]
+        rows = range(len(examples)) if rows is None else rows
+        groups = [self._group(examples, i, step, first_position + i) for i in rows]
+        chosen = [examples[i] for i in rows]
         if self.task.type == "reranker":
-            return self._reranker_batch(examples, groups)
-        return self._embedding_batch(examples, groups)
+            return self._reranker_batch(chosen, groups)
+        return self._embedding_batch(chosen, groups)
 
     # ---- groups ------------------------------------------------------------------------
 

@@ -34,10 +34,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # Where the normed input enters attention / the MLP: identity in one process; the
+        # tensor-parallel region map (copy, or all-gather of a token slice) when parallelized.
+        self.attn_entry = nn.Identity()
+        self.mlp_entry = nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.attn_entry(self.input_layernorm(x)), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.mlp_entry(self.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -58,6 +62,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
         self.gradient_checkpointing = False
+        # Sequence parallelism splits the token stream evenly over ranks: the stream is padded
+        # to this multiple, and the final hidden states are gathered back by output_gather.
+        self.sequence_pad_multiple = 1
+        self.output_gather = nn.Identity()
         self.tie_weights()
         # A tied lm_head is the embedding: keep it out of state dicts, as HF checkpoints do.
         self.register_state_dict_post_hook(_drop_tied_lm_head)
@@ -132,14 +140,18 @@ class Transformer(nn.Module):
         """input_ids, position_ids (T,), cu_seqlens (n+1,) int32 -> hidden (T, hidden)."""
         if input_ids.shape != position_ids.shape:
             raise InputError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
-        x = self.model.embed_tokens(input_ids)  # (T, hidden)
+        tokens = input_ids.shape[0]
+        input_ids, position_ids, cu_seqlens, max_seqlen = pad_packed(
+            input_ids, position_ids, cu_seqlens, max_seqlen, self.sequence_pad_multiple
+        )
+        x = self.model.embed_tokens(input_ids)  # (T, hidden), or this rank's slice of T
         cos, sin = self.rotary(position_ids, x.dtype)  # (T, head_dim) each
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.model.norm(x)
+        return self.output_gather(self.model.norm(x))[:tokens]
 
     def _forward_padded(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None) -> Tensor:
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
@@ -165,6 +177,8 @@ class Transformer(nn.Module):
     # ---- LM head -----------------------------------------------------------------------------
     def lm_head_rows(self, token_ids: list[int]) -> Tensor:
         """(k, hidden): the output-projection rows of just these tokens (never the whole vocabulary)."""
+        if hasattr(self.lm_head, "rows"):  # vocabulary split over ranks
+            return self.lm_head.rows(token_ids)
         index = torch.as_tensor(token_ids, dtype=torch.long, device=self.lm_head.weight.device)
         return self.lm_head.weight.index_select(0, index)
 
@@ -179,6 +193,23 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor) -> Tensor:
     total = int(cu_seqlens[-1])
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
     return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def pad_packed(
+    input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int, multiple: int
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Append one filler sequence so the stream length is a multiple of `multiple`.
+
+    The filler attends only to itself (its own cu_seqlens entry) and is cut off the output,
+    so the real sequences compute exactly what they would unpadded.
+    """
+    pad = -input_ids.shape[0] % multiple
+    if pad == 0:
+        return input_ids, position_ids, cu_seqlens, max_seqlen
+    input_ids = torch.cat([input_ids, input_ids.new_zeros(pad)])
+    position_ids = torch.cat([position_ids, torch.arange(pad, device=position_ids.device, dtype=position_ids.dtype)])
+    cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:] + pad])
+    return input_ids, position_ids, cu_seqlens, max(max_seqlen, pad)
 
 
 def _drop_tied_lm_head(module: Transformer, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -25,6 +25,16 @@ class Layout:
         return self.tp * self.pp * self.ulysses * self.ring
 
 
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _tp_for_heads(args) -> list[int]:
+    kv = args.num_kv_heads
+    return [t for t in range(1, args.num_heads + 1)
+            if args.num_heads % t == 0 and (kv % t == 0 or t % kv == 0)]
+
+
 def layout_from_config(parallel, world_size: int | None = None) -> Layout:
     p = parallel
     model_parallel = p.tp * p.pp * p.ulysses * p.ring
@@ -33,31 +43,74 @@ def layout_from_config(parallel, world_size: int | None = None) -> Layout:
     if world_size % model_parallel:
         raise ConfigError(
             f"parallel: tp*pp*ulysses*ring = {p.tp}*{p.pp}*{p.ulysses}*{p.ring} = {model_parallel} "
-            f"does not divide the world size {world_size}"
+            f"does not divide the world size {world_size} (world sizes that work: multiples of {model_parallel}; "
+            f"tp*pp*ulysses*ring values that work: {_divisors(world_size)})"
         )
     return Layout(p.tp, p.pp, p.ulysses, p.ring, world_size // model_parallel)
 
 
 def check_model_fits_layout(args, layout: Layout, seq_len: int) -> None:
     """One line per violated rule, naming the numbers and what would work."""
-    if args.num_heads % layout.tp:
-        raise ConfigError(f"num_heads={args.num_heads} is not divisible by parallel.tp={layout.tp}")
-    if layout.tp > args.num_kv_heads and layout.tp % args.num_kv_heads:
+    tp = layout.tp
+    if args.num_heads % tp:
         raise ConfigError(
-            f"parallel.tp={layout.tp} must divide or be a multiple of num_kv_heads={args.num_kv_heads}"
+            f"num_heads={args.num_heads} is not divisible by parallel.tp={tp} (tp that works: {_divisors(args.num_heads)})"
         )
-    if layout.tp <= args.num_kv_heads and args.num_kv_heads % layout.tp:
-        raise ConfigError(f"num_kv_heads={args.num_kv_heads} is not divisible by parallel.tp={layout.tp}")
-    if args.intermediate_size % layout.tp:
-        raise ConfigError(f"intermediate_size={args.intermediate_size} is not divisible by parallel.tp={layout.tp}")
+    if tp > args.num_kv_heads and tp % args.num_kv_heads:
+        raise ConfigError(
+            f"parallel.tp={tp} must divide or be a multiple of num_kv_heads={args.num_kv_heads} "
+            f"(tp that works: {', '.join(str(t) for t in _tp_for_heads(args))})"
+        )
+    if tp <= args.num_kv_heads and args.num_kv_heads % tp:
+        raise ConfigError(
+            f"num_kv_heads={args.num_kv_heads} is not divisible by parallel.tp={tp} "
+            f"(tp that works: {', '.join(str(t) for t in _tp_for_heads(args))})"
+        )
+    if args.intermediate_size % tp:
+        raise ConfigError(
+            f"intermediate_size={args.intermediate_size} is not divisible by parallel.tp={tp} "
+            f"(tp that works: {_divisors(args.intermediate_size)})"
+        )
+    if args.vocab_size % tp:
+        raise ConfigError(
+            f"vocab_size={args.vocab_size} is not divisible by parallel.tp={tp} "
+            f"(tp that works: {_divisors(args.vocab_size)})"
+        )
     if args.num_layers < layout.pp:
         raise ConfigError(f"num_layers={args.num_layers} is fewer than parallel.pp={layout.pp} stages")
     sp = layout.ulysses
-    if args.num_heads % (layout.tp * sp):
+    if args.num_heads % (tp * sp):
         raise ConfigError(
-            f"num_heads={args.num_heads} is not divisible by parallel.tp*parallel.ulysses={layout.tp * sp}"
+            f"num_heads={args.num_heads} is not divisible by parallel.tp*parallel.ulysses={tp * sp}"
         )
     # Zigzag ring attention cuts each sequence into 2*ring chunks.
     chunks = layout.ulysses * layout.ring * (2 if layout.ring > 1 else 1)
     if seq_len % chunks:
         raise ConfigError(f"sequence length {seq_len} is not divisible by the {chunks} sequence-parallel chunks")
+
+
+def check_batch_fits_layout(train, layout: Layout) -> None:
+    """Each optimizer step's queries split into grad_accum micro-batches, each into dp equal shares."""
+    per_step = layout.dp * train.grad_accum
+    if train.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} is not divisible by data-parallel size {layout.dp} x "
+            f"train.grad_accum={train.grad_accum} = {per_step} (batch sizes that work: multiples of {per_step})"
+        )
+
+
+# Degrees whose training code has not landed yet: the grid has their dimensions already.
+NOT_YET_TRAINABLE = ("pp", "ulysses", "ring")
+
+
+def check_trainable_layout(cfg, layout: Layout, args) -> None:
+    """Everything a training launch must satisfy before any process group or model exists."""
+    for key in NOT_YET_TRAINABLE:
+        if getattr(layout, key) > 1:
+            raise ConfigError(
+                f"parallel.{key}={getattr(layout, key)}: training with {key} > 1 is not available in this version "
+                "(train.dry_run=true plans such layouts); use parallel.tp and data parallelism"
+            )
+    seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
+    check_model_fits_layout(args, layout, seq_len)
+    check_batch_fits_layout(cfg.train, layout)

@@ -1,11 +1,19 @@
-"""Bi-encoder: packed sequences -> pooled (normalised) embeddings -> InfoNCE."""
+"""Bi-encoder: packed sequences -> pooled (normalised) embeddings -> InfoNCE.
+
+With data parallelism (`dp_group` set by engine.parallel.parallelize) every rank's queries
+are scored against the candidates of the whole global batch: documents (and, for the
+query-query term, queries) are all-gathered with gradient, and this rank's queries own the
+groups starting at rank * local batch.
+"""
 from __future__ import annotations
 
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.data.batch import EmbeddingBatch, PackedSequences
 from engine.losses import info_nce
+from engine.parallel.data import all_gather_with_grad
 from engine.tasks.pooling import pool
 
 
@@ -14,6 +22,7 @@ class EmbeddingTask(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        self.dp_group = None  # the data-parallel process group, when there is one
 
     def embed(self, seqs: PackedSequences) -> Tensor:
         hidden = self.backbone(
@@ -26,10 +35,16 @@ class EmbeddingTask(nn.Module):
     def loss_from_outputs(self, outputs: list[Tensor], batch: EmbeddingBatch) -> Tensor:
         queries, docs = outputs
         c = self.cfg
+        all_queries, query_offset = None, 0
+        if self.dp_group is not None:
+            docs = all_gather_with_grad(docs, self.dp_group)
+            all_queries = all_gather_with_grad(queries, self.dp_group) if c.query_query else None
+            query_offset = dist.get_rank(self.dp_group) * queries.shape[0]
         return info_nce(
             queries, docs, group_size=batch.group_size, temperature=c.temperature,
-            in_batch_negatives=c.in_batch_negatives, false_negative_margin=c.false_negative_margin if c.false_negative_mask else None,
-            query_query=c.query_query, doc_doc=c.doc_doc,
+            in_batch_negatives=c.in_batch_negatives,
+            false_negative_margin=c.false_negative_margin if c.false_negative_mask else None,
+            query_query=c.query_query, doc_doc=c.doc_doc, query_offset=query_offset, all_queries=all_queries,
         )
 
     def towers(self, batch: EmbeddingBatch) -> list[PackedSequences]:

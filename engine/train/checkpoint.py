@@ -7,6 +7,10 @@ folder named step_XXXXXXXX is always whole; resume never looks at anything else.
 
 With LoRA only the adapters (and any task head) are trainable: the frozen base weights come
 back from model.path, so they are not written again.
+
+Parallel runs: every rank writes its own shards (tensor-parallel slices and FSDP shards are
+DTensors with global names and shapes), so a checkpoint saved at one (tp, dp) layout loads
+at any other, including one process. Rank 0 alone creates, completes and renames the folder.
 """
 from __future__ import annotations
 
@@ -46,25 +50,39 @@ def _options(strict: bool = True) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
-def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> str:
+def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict, config_yaml: str,
+                    mesh=None) -> str:
+    """Collective when `mesh` is distributed: every rank calls it with its own shards."""
+    lead = mesh is None or mesh.is_logging_rank
     final = checkpoint_dir(run_dir, step)
-    tmp = final + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # One name every rank agrees on; a stale one from a crashed save is cleared first.
+    tmp = final + ".tmp"
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier(mesh)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     state = {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state()
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=tmp)
-    with open(os.path.join(tmp, "config.yaml"), "w") as f:
-        f.write(config_yaml)
-    # Written last: its presence marks the folder's content complete even before the rename.
-    with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump({"step": step, **trainer_state}, f, indent=1)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _barrier(mesh)
+    if lead:
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        # Written last: its presence marks the folder's content complete even before the rename.
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({"step": step, **trainer_state}, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier(mesh)
     return final
+
+
+def _barrier(mesh) -> None:
+    if mesh is not None:
+        mesh.barrier()
 
 
 def is_complete(path: str) -> bool:

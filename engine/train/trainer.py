@@ -1,5 +1,12 @@
 """The training loop: sample, collate, forward/backward (plain, accumulated or grad-cached),
-clip, step, log, evaluate, checkpoint. One process for now; parallel layouts plug in later.
+clip, step, log, evaluate, checkpoint, on one process or on a parallel layout.
+
+Parallel layouts (engine/parallel): every rank builds the same model, then parallelize()
+keeps its tensor-parallel slice and FSDP2 shards the rest over data-parallel ranks. Each
+step's global batch is cut into grad_accum micro-batches, and each micro-batch into dp
+equal shares; the loss is the mean over the global batch whatever the layout. Only the
+logging rank (0) writes metrics, logs and side files; every rank takes part in
+collectives (evaluation, checkpoints, export gathering).
 
 Step numbering: `step` in metrics.jsonl and checkpoint names counts completed optimizer
 updates. The evaluation at step 0 is the zero-shot model; training line k is the update that
@@ -21,6 +28,9 @@ from engine.data.formats import load_examples
 from engine.data.sampler import BatchSampler
 from engine.data.tokenize import TextEncoder
 from engine.train import checkpoint as ckpt
+from engine.parallel.data import clip_grad_norm, gather_full_parameters, reduce_mean, reduce_sum
+from engine.parallel.mesh import ParallelMesh
+from engine.parallel.parallelize import parallelize
 from engine.train.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
 from engine.train.evaluate import evaluate_task
 from engine.train.grad_cache import grad_cache_step
@@ -36,6 +46,10 @@ def log(message: str) -> None:
     print(f"[ember] {message}", flush=True)
 
 
+def _quiet(message: str) -> None:
+    """What non-logging ranks do with progress messages."""
+
+
 def _check_teacher_scores(cfg: RunConfig, examples) -> None:
     if cfg.task.type == "reranker" and cfg.task.loss == "distill":
         missing = next((e for e in examples if e.pos_scores is None or e.neg_scores is None), None)
@@ -47,9 +61,11 @@ def _check_teacher_scores(cfg: RunConfig, examples) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, config_yaml: str):
+    def __init__(self, cfg: RunConfig, config_yaml: str, mesh: ParallelMesh | None = None):
         self.cfg = cfg
         self.config_yaml = config_yaml
+        self.mesh = mesh or ParallelMesh()
+        self.log = say = log if self.mesh.is_logging_rank else _quiet
         self.run_dir = cfg.train.output_dir
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads:
@@ -59,38 +75,43 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.run_dir)
 
         # Data first: a bad file fails before any model is built.
-        self.train_examples = load_examples(cfg.data.train, on_error=cfg.data.on_error, warn=log)
+        self.train_examples = load_examples(cfg.data.train, on_error=cfg.data.on_error, warn=say)
         self.eval_examples = (
-            load_examples(cfg.data.eval, on_error=cfg.data.on_error, warn=log) if cfg.data.eval else []
+            load_examples(cfg.data.eval, on_error=cfg.data.on_error, warn=say) if cfg.data.eval else []
         )
-        log(f"data: {len(self.train_examples)} training examples from {cfg.data.train}"
+        say(f"data: {len(self.train_examples)} training examples from {cfg.data.train}"
             + (f", {len(self.eval_examples)} evaluation queries from {cfg.data.eval}" if cfg.data.eval else ""))
 
         _check_teacher_scores(cfg, self.train_examples)
         self.tokenizer = load_tokenizer(cfg.model)
         self.text_encoder = TextEncoder(self.tokenizer, cfg.task, cfg.data)
         self.model = build_task_model(cfg, self.device, self.tokenizer)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         total = sum(p.numel() for p in self.model.parameters())
-        log(f"model: {total / 1e6:.1f}M parameters, {sum(p.numel() for p in self.params) / 1e6:.3f}M trainable"
-            f" on {self.device}")
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        parallelize(self.model, self.mesh, cfg.parallel.sequence_parallel)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        say(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable on {self.device}; "
+            f"layout {self.mesh.describe()}"
+            + (f", sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}" if self.mesh.tp > 1 else ""))
 
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.sampler = BatchSampler(len(self.train_examples), cfg.train.batch_size, cfg.train.seed)
-        self.collator = Collator(self.text_encoder, cfg.task, cfg.train.seed)
+        self.collator = Collator(self.text_encoder, cfg.task, cfg.train.seed, warn=say)
         self.step = 0
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
         if cfg.train.grad_accum > 1:
-            log(f"warning: train.grad_accum={cfg.train.grad_accum} splits each step into micro-batches of "
+            say(f"warning: train.grad_accum={cfg.train.grad_accum} splits each step into micro-batches of "
                 f"{cfg.train.batch_size // cfg.train.grad_accum} queries, which shrinks the in-batch negative pool "
                 "by the same factor; train.grad_cache=true keeps the full pool")
 
         os.makedirs(self.run_dir, exist_ok=True)
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard)
-        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-            f.write(config_yaml)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard,
+                                    enabled=self.mesh.is_logging_rank)
+        if self.mesh.is_logging_rank:
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(config_yaml)
         self._maybe_resume()
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -106,7 +127,7 @@ class Trainer:
         path = self.resume_from
         if path is None:
             if self.cfg.train.resume == "auto":
-                log("train.resume=auto: no complete checkpoint yet, starting fresh")
+                self.log("train.resume=auto: no complete checkpoint yet, starting fresh")
             self.logger.truncate_after(-1)
             return
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
@@ -116,15 +137,32 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.step = state["step"]
         self.logger.truncate_after(self.step)
-        log(f"resumed from {path} at step {self.step}")
+        self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> str:
         path = ckpt.save_checkpoint(
-            self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(), self.config_yaml
+            self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(), self.config_yaml, self.mesh
         )
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        log(f"saved checkpoint {path}")
+        if self.mesh.is_logging_rank:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        self.log(f"saved checkpoint {path}")
         return path
+
+    def full_model(self):
+        """The trained task model whole, on CPU, as one process would hold it (for export).
+
+        Collective: every rank gathers the shards; rank 0 gets the model, the others None.
+        """
+        if not self.mesh.distributed:
+            return self.model
+        full = gather_full_parameters(self.model)
+        if not self.mesh.is_logging_rank:
+            return None
+        model = build_task_model(self.cfg, torch.device("cpu"), self.tokenizer)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(full[name])
+        return model
 
     # ---- one optimizer step ------------------------------------------------------------
     def _autocast(self):
@@ -142,7 +180,9 @@ class Trainer:
                 loss = grad_cache_step(towers, lambda outputs: self.model.loss_from_outputs(outputs, batch) * loss_scale)
             return float(loss) / loss_scale
         with self._autocast():
-            loss = self.model(batch)
+            # Tower by tower through encode_tower (the FSDP-registered forward), then the loss.
+            outputs = [self.model.encode_tower(seqs) for seqs in self.model.towers(batch)]
+            loss = self.model.loss_from_outputs(outputs, batch)
         (loss * loss_scale).backward()
         return float(loss.detach())
 
@@ -150,18 +190,22 @@ class Trainer:
         cfg = self.cfg.train
         indices = self.sampler.indices(self.step)
         examples = [self.train_examples[i] for i in indices]
-        micro = len(examples) // cfg.grad_accum
+        micro = len(examples) // cfg.grad_accum  # queries per micro-batch, over all dp ranks
+        share = micro // self.mesh.dp  # this rank's queries of each micro-batch
+        own_rows = range(self.mesh.dp_rank * share, (self.mesh.dp_rank + 1) * share)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, tokens = 0.0, 0
         for part in range(cfg.grad_accum):
             batch = self.collator(examples[part * micro : (part + 1) * micro], self.step,
-                                  first_position=part * micro).to(self.device)
+                                  first_position=part * micro, rows=own_rows).to(self.device)
             tokens += batch.num_tokens
             loss += self._forward_backward(batch, 1.0 / cfg.grad_accum) / cfg.grad_accum
+        # Every dp rank averaged over its own queries; their mean is the global batch's loss.
+        loss, tokens = reduce_mean(loss, self.mesh), reduce_sum(tokens, self.mesh)
         lr = self.optimizer.param_groups[0]["lr"]
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = clip_grad_norm(self.params, max_norm, self.mesh)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.bad_steps_in_a_row = 0
@@ -179,7 +223,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps_in_a_row += 1
         self.skipped_steps += 1
-        log(f"warning: non-finite loss or gradient at step {self.step + 1} (loss={loss}); update skipped "
+        self.log(f"warning: non-finite loss or gradient at step {self.step + 1} (loss={loss}); update skipped "
             f"({self.bad_steps_in_a_row} in a row, {self.skipped_steps} in total)")
         if self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingAborted(
@@ -199,7 +243,7 @@ class Trainer:
         record = {"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}}
         self.logger.log(record)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        log(f"eval at step {self.step} ({time.perf_counter() - start:.1f}s): {shown}")
+        self.log(f"eval at step {self.step} ({time.perf_counter() - start:.1f}s): {shown}")
         return metrics
 
     # ---- the loop ----------------------------------------------------------------------
@@ -210,7 +254,8 @@ class Trainer:
         cfg = self.cfg.train
         results = {"zero_shot": self.evaluate() if self.step == 0 else None, "final": None}
         last_saved = self.step
-        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=None if self.mesh.is_logging_rank else True)
         while self.step < cfg.max_steps:
             start = time.perf_counter()
             record = self.train_step()
@@ -221,7 +266,7 @@ class Trainer:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             if progress.disable and (self.step % 5 == 0 or self.step == cfg.max_steps):
                 # No terminal (CI, batch jobs, pipes): a plain line instead of the bar.
-                log(f"step {self.step}/{cfg.max_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                self.log(f"step {self.step}/{cfg.max_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                     f"{record['tokens_per_s']:.0f} tokens/s")
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()

@@ -1,0 +1,131 @@
+"""Data parallelism: gradient averaging and optimizer-state sharding over dp x ring x ulysses
+(FSDP2), the global-norm gradient clip, cross-rank gathering of embeddings, and gathering
+sharded parameters back into whole tensors for export.
+
+Conventions (the numbers equal those of one process on the global batch):
+- every dp rank's loss is the mean over its own queries; FSDP2 averages gradients over
+  dp_sp, so the update is that of the mean over the global batch;
+- all_gather_with_grad hands each rank, in backward, the sum over ranks of the gradient
+  of its slice: with the averaging above, exactly the single-process gradient;
+- the clip norm counts every parameter element once, whatever its sharding.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from engine.parallel.mesh import ParallelMesh
+
+
+def shard_data_parallel(task: nn.Module, mesh: ParallelMesh) -> None:
+    """FSDP2 over the dp_sp mesh: each decoder layer is one unit, the rest (embedding, head,
+    final norm, task head) the root. Parameters, gradients and AdamW state are sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    dp_mesh = mesh.submesh("dp_sp")
+    # Gradients are reduced in fp32 whatever the compute dtype (the loss is averaged over many ranks).
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in task.backbone.model.layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(task, mesh=dp_mesh, mp_policy=policy)
+    # Training and evaluation run the task through encode_tower, not forward(): FSDP must
+    # gather the root's parameters (embedding, final norm, heads) around it.
+    register_fsdp_forward_method(task, "encode_tower")
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = x.new_empty((x.shape[0] * size, *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        size = dist.get_world_size(ctx.group)
+        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)  # sum of every rank's use
+        return out, None
+
+
+def all_gather_with_grad(x: Tensor, group) -> Tensor:
+    """(n, ...) on each of k ranks -> (k*n, ...) in rank order; equal n on every rank."""
+    return _AllGatherWithGrad.apply(x, group)
+
+
+def _square_sum_counted_once(grad: Tensor) -> Tensor:
+    """Sum of squares of this rank's part of grad, zero where another rank holds the same copy."""
+    if not isinstance(grad, DTensor):
+        return grad.float().pow(2).sum()
+    coordinate = grad.device_mesh.get_coordinate()
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_replicate() and coordinate[dim] != 0:
+            return torch.zeros((), device=grad.device)
+    return grad.to_local().float().pow(2).sum()
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, mesh: ParallelMesh) -> float:
+    """Global L2 norm of all gradients (every element once, over every rank); scale them to
+    max_norm when above it. Returns the norm before clipping, the same number on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not mesh.distributed:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for grad in grads:
+        total += _square_sum_counted_once(grad).double()
+    dist.all_reduce(total)
+    norm = float(total.sqrt())
+    if math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)  # the same epsilon as torch.nn.utils.clip_grad_norm_
+        for grad in grads:
+            grad.mul_(scale)
+    return norm
+
+
+def reduce_mean(value: float, mesh: ParallelMesh, dim: str = "dp") -> float:
+    """The mean of a per-rank number over a mesh dimension (logged loss)."""
+    if not mesh.distributed or mesh.submesh(dim).size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=mesh.group(dim))
+    return float(t[0]) / mesh.submesh(dim).size()
+
+
+def reduce_sum(value: int, mesh: ParallelMesh, dim: str = "dp") -> int:
+    if not mesh.distributed or mesh.submesh(dim).size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, group=mesh.group(dim))
+    return int(t[0])
+
+
+class _QuietRedistribute(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sequential all_gather" not in record.getMessage()
+
+
+@torch.no_grad()
+def gather_full_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter as one whole CPU tensor, by its global name. Collective: every rank
+    calls it, in the same order; every rank gets the result (export uses rank 0's)."""
+    # Strided FSDP x TP shards gather in two steps; DTensor warns about that each time.
+    quiet = _QuietRedistribute()
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    logger.addFilter(quiet)
+    try:
+        out = {}
+        for name, param in model.named_parameters():
+            tensor = param.full_tensor() if isinstance(param, DTensor) else param
+            out[name] = tensor.detach().cpu()
+        return out
+    finally:
+        logger.removeFilter(quiet)

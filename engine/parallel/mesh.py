@@ -1,0 +1,113 @@
+"""The process grid: world = pp x dp x ring x ulysses x tp, tp fastest (Megatron's order).
+
+Built once from `init_device_mesh`; everything else asks this object for its groups and
+ranks. One process (no torchrun) gets the same object with every degree 1 and no groups,
+so library code reads `mesh.tp > 1` rather than checking whether torch.distributed is up.
+
+Groups and what they reduce:
+- tp: tensor-parallel shards of every layer (region maps in tensor.py);
+- dp_sp: dp x ring x ulysses flattened, the ranks that hold the same parameters but see
+  different tokens, so gradients are averaged and optimizer state is sharded over it (data.py);
+- dp: the ranks that see different queries; cross-rank negatives are gathered over it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from engine.parallel.layout import Layout
+
+DIM_NAMES = ("pp", "dp", "ring", "ulysses", "tp")
+
+
+@dataclass
+class ParallelMesh:
+    layout: Layout = field(default_factory=Layout)
+    device_mesh: object | None = None  # torch DeviceMesh over the world; None for one process
+    dp_sp_mesh: object | None = None  # the flattened dp x ring x ulysses dimension
+
+    # ---- sizes and ranks -------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.device_mesh is not None
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def dp_sp(self) -> int:
+        return self.layout.dp * self.layout.ring * self.layout.ulysses
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.distributed else 0
+
+    def local_rank(self, dim: str) -> int:
+        return self.device_mesh[dim].get_local_rank() if self.distributed else 0
+
+    @property
+    def tp_rank(self) -> int:
+        return self.local_rank("tp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.local_rank("dp")
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Rank 0 writes logs, metrics, checkpoints' side files and exports."""
+        return self.rank == 0
+
+    # ---- groups ------------------------------------------------------------------------
+    def submesh(self, dim: str):
+        if not self.distributed:
+            return None
+        return self.dp_sp_mesh if dim == "dp_sp" else self.device_mesh[dim]
+
+    def group(self, dim: str):
+        mesh = self.submesh(dim)
+        return None if mesh is None else mesh.get_group()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def describe(self) -> str:
+        lay = self.layout
+        return (f"world {lay.world_size} = pp {lay.pp} x dp {lay.dp} x ring {lay.ring} x ulysses {lay.ulysses} "
+                f"x tp {lay.tp}")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_mesh(layout: Layout, device: torch.device) -> ParallelMesh:
+    """Start torch.distributed (when launched with more than one process) and build the grid."""
+    if layout.world_size == 1:
+        return ParallelMesh(layout)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device))
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(f"the layout needs {layout.world_size} processes but {dist.get_world_size()} were started")
+    shape = (layout.pp, layout.dp, layout.ring, layout.ulysses, layout.tp)
+    device_mesh = init_device_mesh(device.type, shape, mesh_dim_names=DIM_NAMES)
+    dp_sp_mesh = device_mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
+    return ParallelMesh(layout, device_mesh, dp_sp_mesh)
+
+
+def shutdown(mesh: ParallelMesh) -> None:
+    if mesh.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,94 @@
+"""Turn a task model built for one process into its parallel layout, in place.
+
+The model is first built whole on every rank (same seed, same weights, same LoRA init),
+then each layer is swapped for its tensor-parallel counterpart keeping only this rank's
+slice (tensor.py), then FSDP2 shards what remains over dp x ring x ulysses (data.py).
+Parameter names do not change, so checkpoints and exports see the single-process names.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from engine.parallel.data import shard_data_parallel
+from engine.parallel.mesh import ParallelMesh
+from engine.parallel.tensor import (
+    ColumnParallelLinear,
+    HeadSliceLinear,
+    ParallelRMSNorm,
+    RegionEntry,
+    ReplicatedLinear,
+    RowParallelLinear,
+    SequenceGather,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+)
+
+
+def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> nn.Module:
+    if mesh.tp > 1:
+        apply_tensor_parallel(task, mesh, sequence_parallel)
+    if mesh.dp_sp > 1:
+        shard_data_parallel(task, mesh)
+    if mesh.dp > 1 and hasattr(task, "dp_group"):
+        task.dp_group = mesh.group("dp")
+    return task
+
+
+def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> None:
+    tp_mesh, group = mesh.submesh("tp"), mesh.group("tp")
+    backbone = task.backbone
+    args = backbone.args
+    for layer in backbone.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = ColumnParallelLinear(attn.q_proj, tp_mesh)
+        if args.num_kv_heads >= mesh.tp:
+            attn.k_proj = ColumnParallelLinear(attn.k_proj, tp_mesh)
+            attn.v_proj = ColumnParallelLinear(attn.v_proj, tp_mesh)
+        else:  # fewer KV heads than ranks: each rank keeps the whole KV head its query heads use
+            attn.k_proj = HeadSliceLinear(attn.k_proj, tp_mesh, args.num_kv_heads, args.head_dim)
+            attn.v_proj = HeadSliceLinear(attn.v_proj, tp_mesh, args.num_kv_heads, args.head_dim)
+        attn.o_proj = RowParallelLinear(attn.o_proj, tp_mesh, sequence_parallel)
+        if hasattr(attn, "q_norm"):  # shared by all heads; each rank normalises its own heads
+            attn.q_norm = ParallelRMSNorm(attn.q_norm, tp_mesh, sum_grads=True)
+            attn.k_norm = ParallelRMSNorm(attn.k_norm, tp_mesh, sum_grads=True)
+        mlp.gate_proj = ColumnParallelLinear(mlp.gate_proj, tp_mesh)
+        mlp.up_proj = ColumnParallelLinear(mlp.up_proj, tp_mesh)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, tp_mesh, sequence_parallel)
+        # Under sequence parallelism the norms see only this rank's tokens.
+        layer.input_layernorm = ParallelRMSNorm(layer.input_layernorm, tp_mesh, sum_grads=sequence_parallel)
+        layer.post_attention_layernorm = ParallelRMSNorm(
+            layer.post_attention_layernorm, tp_mesh, sum_grads=sequence_parallel
+        )
+        layer.attn_entry = RegionEntry(group, sequence_parallel)
+        layer.mlp_entry = RegionEntry(group, sequence_parallel)
+
+    decoder = backbone.model
+    embedding = VocabParallelEmbedding(decoder.embed_tokens, tp_mesh, sequence_parallel)
+    head_weight = embedding.weight if args.tie_word_embeddings else _vocab_shard(backbone.lm_head, tp_mesh)
+    decoder.embed_tokens = embedding
+    backbone.lm_head = VocabParallelHead(head_weight, embedding.vocab_start, embedding.vocab_end, group)
+    decoder.norm = ParallelRMSNorm(decoder.norm, tp_mesh, sum_grads=sequence_parallel)
+    if sequence_parallel:
+        backbone.output_gather = SequenceGather(group)
+        backbone.sequence_pad_multiple = mesh.tp
+
+    for name, module in list(task.named_modules()):
+        if type(module) is nn.Linear:  # a task head on replicated (gathered) hidden states
+            _set_submodule(task, name, ReplicatedLinear(module, tp_mesh))
+    plain = [name for name, p in task.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        raise TypeError(f"tensor parallelism left parameters without a tp layout: {', '.join(plain[:5])}")
+
+
+def _vocab_shard(lm_head: nn.Linear, tp_mesh) -> nn.Parameter:
+    return VocabParallelEmbedding(
+        nn.Embedding.from_pretrained(lm_head.weight.detach(), freeze=not lm_head.weight.requires_grad),
+        tp_mesh, sequence_parallel=False,
+    ).weight
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
