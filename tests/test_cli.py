@@ -134,7 +134,7 @@ def test_entry_point_mistakes_are_one_line(tmp_path):
         ("evaluate.py", [f"model.path={tmp_path / 'not_a_model'}", f"data.eval={data}"], "gpt2"),
         ("train.py", [f"data.train={data}", f"train.output_dir={tmp_path / 'r'}", f"train.resume={tmp_path}"],
          "not a complete checkpoint"),
-        ("train.py", [f"data.train={data}", "parallel.tp=2"], "only the single-process layout trains"),
+        ("train.py", [f"data.train={data}", "parallel.tp=2"], "does not divide the world size 1"),
         ("train.py", [f"data.train={data}", f"train.output_dir={tmp_path / 'r'}", "model.attn_backend=nope"],
          "model.attn_backend='nope'"),
         ("train.py", [f"data.train={data}", f"model.path={tmp_path}"], "no config.json"),

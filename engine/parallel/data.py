@@ -114,9 +114,10 @@ class _QuietRedistribute(logging.Filter):
 
 
 @torch.no_grad()
-def gather_full_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter as one whole CPU tensor, by its global name. Collective: every rank
-    calls it, in the same order; every rank gets the result (export uses rank 0's)."""
+def gather_full_parameters(model: nn.Module, gradients: bool = False) -> dict[str, Tensor]:
+    """Every parameter (or, with gradients=True, every gradient there is) as one whole CPU
+    tensor, by its global name. Collective: every rank calls it, in the same order, and every
+    rank gets the result (export uses rank 0's)."""
     # Strided FSDP x TP shards gather in two steps; DTensor warns about that each time.
     quiet = _QuietRedistribute()
     logger = logging.getLogger("torch.distributed.tensor._redistribute")
@@ -124,7 +125,10 @@ def gather_full_parameters(model: nn.Module) -> dict[str, Tensor]:
     try:
         out = {}
         for name, param in model.named_parameters():
-            tensor = param.full_tensor() if isinstance(param, DTensor) else param
+            tensor = param.grad if gradients else param
+            if tensor is None:
+                continue
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
             out[name] = tensor.detach().cpu()
         return out
     finally:

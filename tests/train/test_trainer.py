@@ -124,7 +124,7 @@ def test_grad_cache_step_equals_plain_step(tmp_path, tiny_data, task):
 def test_non_finite_loss_is_skipped_then_aborts(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=5", "train.max_bad_steps=2")
     before = [p.detach().clone() for p in trainer.params]
-    trainer.model.forward = lambda batch: torch.tensor(float("nan"), requires_grad=True)
+    trainer.model.loss_from_outputs = lambda outputs, batch: torch.tensor(float("nan"), requires_grad=True)
     trainer.train_step()
     assert trainer.skipped_steps == 1 and trainer.step == 1
     for p, q in zip(before, trainer.params):
