@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from engine.parallel.mesh import ParallelMesh
+from engine.parallel.tensor import all_gather_rows, reduce_scatter_rows
 
 
 def shard_data_parallel(task: nn.Module, mesh: ParallelMesh) -> None:
@@ -42,17 +43,11 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        size = dist.get_world_size(group)
-        out = x.new_empty((x.shape[0] * size, *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
+        return all_gather_rows(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        size = dist.get_world_size(ctx.group)
-        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)  # sum of every rank's use
-        return out, None
+        return reduce_scatter_rows(grad, ctx.group), None  # the sum of every rank's use of this slice
 
 
 def all_gather_with_grad(x: Tensor, group) -> Tensor:

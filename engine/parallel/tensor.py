@@ -55,19 +55,21 @@ def _all_reduce(x: Tensor, group) -> Tensor:
     return x
 
 
-def _all_gather_tokens(x: Tensor, group) -> Tensor:
+def all_gather_rows(x: Tensor, group) -> Tensor:
+    """(n, ...) on each rank -> (ranks * n, ...) in rank order (tokens here; embeddings in data.py)."""
     size = dist.get_world_size(group)
     out = x.new_empty((x.shape[0] * size, *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    dist.all_gather_single(out, x.contiguous(), group=group)
     return out
 
 
-def _reduce_scatter_tokens(x: Tensor, group) -> Tensor:
+def reduce_scatter_rows(x: Tensor, group) -> Tensor:
+    """(ranks * n, ...) on each rank -> this rank's n rows of the sum over ranks."""
     size = dist.get_world_size(group)
     if x.shape[0] % size:
-        raise ValueError(f"reduce-scatter of {x.shape[0]} tokens over {size} ranks: not divisible")
+        raise ValueError(f"reduce-scatter of {x.shape[0]} rows over {size} ranks: not divisible")
     out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    dist.reduce_scatter_single(out, x.contiguous(), group=group)
     return out
 
 
@@ -104,24 +106,24 @@ class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, grad_mode):
         ctx.group, ctx.grad_mode = group, grad_mode
-        return _all_gather_tokens(x, group)
+        return all_gather_rows(x, group)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.grad_mode == "split":
             return _own_slice(grad, ctx.group), None, None
-        return _reduce_scatter_tokens(grad, ctx.group), None, None
+        return reduce_scatter_rows(grad, ctx.group), None, None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_tokens(x, group)
+        return reduce_scatter_rows(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_tokens(grad, ctx.group), None
+        return all_gather_rows(grad, ctx.group), None
 
 
 def copy_to_tp(x: Tensor, group) -> Tensor:

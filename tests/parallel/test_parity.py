@@ -1,0 +1,201 @@
+"""Loss and parameter parity of every parallel layout with one process, on real gloo processes.
+
+The same tiny model, data and seed train for 3 optimizer steps single-process (in this
+pytest process) and in each layout (spawned ranks running the real Trainer). Compared:
+- the loss and the clip norm at each of the 3 steps (relative 1e-5);
+- every parameter's gradient at the first step (relative 1e-5 of the tensor's norm);
+- every parameter after the 3 AdamW steps (rtol 1e-4, atol 1e-6), except elements whose
+  gradient was at float32 noise level at some step (below 1e-4 of the tensor's RMS gradient,
+  or below 100 x AdamW's eps): reduction order changes such a gradient's low bits or sign,
+  and AdamW divides it by its own magnitude (m / (sqrt(v) + eps)), so its update can differ
+  by up to lr per step; those elements are held to that bound instead. They are few (a few
+  per tensor, plus embedding rows of tokens the batch never used, whose gradient is 0).
+Layouts: tp 2 and 4 with sequence parallelism on and off (tp 4 with 2 KV heads replicates
+KV heads), dp 2, dp 2 x tp 2; and for the embedding task dp 2 with grad_accum and grad_cache.
+Tasks: embedding and reranker, LoRA and full fine-tuning, over the llama, qwen2 and qwen3
+variants of the block (q/k norms, q/k/v biases, tied and untied heads, yes/no and linear heads).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.cli import compose
+from engine.config import validate
+from engine.parallel.data import gather_full_parameters
+from engine.parallel.layout import layout_from_config
+from engine.parallel.mesh import init_mesh
+from engine.train.trainer import Trainer
+from tests.conftest import synthetic_examples, write_jsonl
+
+STEPS = 3
+LR = 1e-3  # the largest learning rate of any variant
+TINY = ["train.batch_size=4", "task.num_negatives=2", f"train.lr={LR}", "train.tensorboard=false",
+        "train.save_final=false", "task.query_instruction=find the item", "task.instruction=find the item",
+        "data.query_max_len=48", "data.doc_max_len=24", "data.max_len=96", "task.template=plain", "train.max_steps=10"]
+
+TASKS = {
+    # LoRA at lr 1e-4: A's first gradients (B is 0 at init) are tiny, many near AdamW's eps,
+    # and the update noise they carry into B grows with lr.
+    "embedding-lora": ["task=embedding", "lora.rank=4", "task.pooling=mean", "train.lr=1e-4"],
+    "embedding-full-qwen3": ["task=embedding", "model.family=qwen3", "task.query_query=true", "task.doc_doc=true"],
+    "reranker-lora-qwen2-linear": ["task=reranker", "model.family=qwen2", "lora.rank=4", "task.head=linear",
+                                   "train.lr=1e-4"],
+    "reranker-full-untied": ["task=reranker", "model.tie_word_embeddings=false"],
+}
+LAYOUTS = {
+    2: {
+        "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        "tp2": ["parallel.tp=2", "parallel.sequence_parallel=false"],
+        "dp2": [],
+    },
+    4: {
+        "tp4-sp": ["parallel.tp=4", "parallel.sequence_parallel=true"],
+        "tp4": ["parallel.tp=4", "parallel.sequence_parallel=false"],
+        "dp2xtp2": ["parallel.tp=2"],
+    },
+}
+# Micro-batching variants, single-process reference with the same settings.
+EXTRAS = {"accum2": ["train.grad_accum=2"], "gradcache": ["train.grad_cache=true", "train.grad_cache_chunk=3"]}
+EXTRA_LAYOUT = {"dp2": 2, "dp2xtp2": 4}
+
+
+def jobs_for(world: int) -> dict[tuple[str, str, str], list[str]]:
+    jobs = {}
+    for task, task_args in TASKS.items():
+        for layout, layout_args in LAYOUTS[world].items():
+            jobs[(task, "", layout)] = task_args + layout_args
+    for task in ("embedding-lora", "embedding-full-qwen3"):
+        for extra, extra_args in EXTRAS.items():
+            for layout, size in EXTRA_LAYOUT.items():
+                if size == world:
+                    jobs[(task, extra, layout)] = TASKS[task] + extra_args + LAYOUTS[world][layout]
+    return jobs
+
+
+def run_steps(trainer: Trainer, noise_masks: bool = False) -> dict:
+    """Train STEPS steps; record losses, clip norms, first-step gradients and final parameters
+    (and, for the reference, which elements ever had a noise-level gradient)."""
+    record = {"loss": [], "grad_norm": [], "noise": {}}
+    for step in range(STEPS):
+        out = trainer.train_step()
+        record["loss"].append(out["loss"])
+        record["grad_norm"].append(out["grad_norm"])
+        if step == 0 or noise_masks:
+            grads = gather_full_parameters(trainer.model, gradients=True)
+        if step == 0:
+            record["grads"] = grads
+        if noise_masks:
+            for name, grad in grads.items():
+                mask = _noise_level(grad)
+                record["noise"][name] = record["noise"].get(name, mask) | mask
+    record["params"] = gather_full_parameters(trainer.model)
+    return record
+
+
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the trainer uses
+
+
+def _noise_level(grad: torch.Tensor) -> torch.Tensor:
+    """Elements whose AdamW update float32 reduction noise can move: a gradient within the
+    noise of zero (below 1e-4 of the tensor's RMS), or one comparable to AdamW's eps (below
+    100 eps), where the update g / (|g| + eps) follows every low bit of g."""
+    rms = grad.pow(2).mean().sqrt()
+    return (grad.abs() < 1e-4 * rms) | (grad.abs() < 100 * ADAM_EPS)
+
+
+def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) -> Trainer:
+    cfg, yaml = compose(TINY + overrides + [f"data.train={data_dir}/train.jsonl", f"train.output_dir={run_dir}"])
+    validate(cfg)
+    return Trainer(cfg, yaml, mesh)
+
+
+def _worker(rank: int, world: int, port: int, data_dir: str, out_dir: str, jobs: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for i, (key, overrides) in enumerate(jobs.items()):
+        cfg, _ = compose(TINY + overrides)
+        mesh = init_mesh(layout_from_config(cfg.parallel, world_size=world), torch.device("cpu"))
+        trainer = build_trainer(overrides, data_dir, os.path.join(out_dir, f"run{i}"), mesh)
+        results[key] = run_steps(trainer)
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "results.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parity-data")
+    write_jsonl(folder / "train.jsonl", synthetic_examples(24, seed=0))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def parallel_results(data_dir, tmp_path_factory):
+    """Every layout's records, one spawn per world size."""
+    results = {}
+    for world in LAYOUTS:
+        out_dir = str(tmp_path_factory.mktemp(f"parity-{world}"))
+        mp.spawn(_worker, args=(world, _free_port(), data_dir, out_dir, jobs_for(world)), nprocs=world, join=True)
+        results.update(torch.load(os.path.join(out_dir, "results.pt"), weights_only=True))
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    cache = {}
+
+    def get(task: str, extra: str) -> dict:
+        if (task, extra) not in cache:
+            run_dir = str(tmp_path_factory.mktemp("reference"))
+            trainer = build_trainer(TASKS[task] + EXTRAS.get(extra, []), data_dir, run_dir)
+            cache[(task, extra)] = run_steps(trainer, noise_masks=True)
+        return cache[(task, extra)]
+
+    return get
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+ALL_JOBS = [key for world in LAYOUTS for key in jobs_for(world)]
+
+
+@pytest.mark.parametrize("task,extra,layout", ALL_JOBS, ids=["-".join(p for p in k if p) for k in ALL_JOBS])
+def test_layout_matches_single_process(task, extra, layout, parallel_results, reference):
+    ref, got = reference(task, extra), parallel_results[(task, extra, layout)]
+    for step in range(STEPS):
+        for key in ("loss", "grad_norm"):
+            assert got[key][step] == pytest.approx(ref[key][step], rel=1e-5), f"{key} at step {step + 1}"
+    assert set(got["grads"]) == set(ref["grads"]) and ref["grads"], "the same parameters must have gradients"
+    for name, grad in ref["grads"].items():
+        assert got["grads"][name].shape == grad.shape, name
+        assert _relative(got["grads"][name], grad) <= 1e-5, f"gradient of {name} at step 1"
+    assert set(got["params"]) == set(ref["params"])
+    for name, param in ref["params"].items():
+        noise = ref["noise"].get(name, torch.zeros(param.shape, dtype=torch.bool))
+        close = torch.isclose(got["params"][name], param, rtol=1e-4, atol=1e-6)
+        bad = ~close & ~noise
+        assert not bad.any(), (
+            f"{name} after {STEPS} steps: {int(bad.sum())} elements differ, largest by "
+            f"{float((got['params'][name] - param).abs()[bad].max()):.3g}"
+        )
+        if noise.any():
+            worst = float((got["params"][name] - param).abs()[noise].max())
+            assert worst <= LR * STEPS, f"{name}: a noise-level-gradient element moved {worst:.3g} > max lr x steps"
+
