@@ -153,20 +153,64 @@ def _safetensors_files(path: str) -> list[str]:
 
 def _normalise_keys(state: dict[str, Tensor], args: ModelArgs, path: str) -> dict[str, Tensor]:
     """Map the key layouts HF folders come in onto *ForCausalLM names."""
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old Llama exports
-    state.pop("score.weight", None)  # *ForSequenceClassification head: the reranker task reads it itself
-    if not any(k.startswith("model.") for k in state) and "embed_tokens.weight" in state:
-        # A bare backbone (saved from AutoModel, e.g. embedding models): no `model.` prefix.
-        state = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in state.items()}
+    return {name: state[key] for name, key in checkpoint_key_map(list(state), args, path).items()}
+
+
+def checkpoint_key_map(keys: list[str], args: ModelArgs, path: str) -> dict[str, str]:
+    """{*ForCausalLM parameter name: key in the checkpoint} for the key layouts HF folders use.
+
+    Dropped: old Llama exports' rotary_emb.inv_freq, a *ForSequenceClassification `score.weight`
+    (the reranker task reads it itself) and a tied model's lm_head (the embedding is the head).
+    A bare backbone (AutoModel, e.g. embedding models) has no `model.` prefix. An untied model
+    without lm_head.weight gets the embeddings (with a warning).
+    """
+    keys = [k for k in keys if not k.endswith("rotary_emb.inv_freq") and k != "score.weight"]
+    bare = not any(k.startswith("model.") for k in keys) and "embed_tokens.weight" in keys
+    mapping = {(k if (k == "lm_head.weight" or not bare) else f"model.{k}"): k for k in keys}
     if args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: the embedding is the head (transformers ignores it too)
-    elif "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        mapping.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in mapping and "model.embed_tokens.weight" in mapping:
         logger.warning(
             "%s: no lm_head.weight although tie_word_embeddings is false; using a copy of the embeddings "
             "(harmless for embedding models, wrong for a reranker's yes/no head)", path,
         )
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-    return state
+        mapping["lm_head.weight"] = mapping["model.embed_tokens.weight"]
+    return mapping
+
+
+class CheckpointSlices:
+    """Read parts of a Hugging Face folder's tensors without loading whole files: each rank of a
+    tensor-parallel run reads just its slice (safetensors maps the file; nothing is unpickled)."""
+
+    def __init__(self, path: str, args: ModelArgs):
+        self.path = path
+        self.file_of: dict[str, str] = {}
+        for file in _safetensors_files(path):
+            with safe_open(file, framework="pt") as f:
+                self.file_of.update({key: file for key in f.keys()})
+        self.key_of = checkpoint_key_map(list(self.file_of), args, path)
+
+    def names(self) -> list[str]:
+        return list(self.key_of)
+
+    def read(self, name: str, index: tuple[slice, ...] = (), dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> Tensor:
+        """Tensor `name` (a *ForCausalLM parameter name), or the part `index` of it."""
+        if name not in self.key_of:
+            raise CheckpointError(f"{self.path}: no weights for {name}")
+        key = self.key_of[name]
+        with safe_open(self.file_of[key], framework="pt") as f:
+            tensor = f.get_slice(key)[index] if index else f.get_tensor(key)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device).contiguous()
+
+
+def meta_model(path: str, *, causal: bool = True) -> Transformer:
+    """The architecture of `path` with no weights (parameters on the meta device), to be filled slice by slice."""
+    args = ModelArgs.from_hf_config(read_hf_config(path), causal=causal)
+    with torch.device("meta"):
+        return Transformer(args)
 
 
 def _few(items: list[str], limit: int = 5) -> str:

@@ -39,14 +39,17 @@ class LoRALinear(nn.Linear):
         self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float) -> "LoRALinear":
-        """Wrap an existing layer, sharing its weight and bias tensors (no copy)."""
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float,
+                    adapter_device: torch.device | None = None) -> "LoRALinear":
+        """Wrap an existing layer, sharing its weight and bias tensors (no copy). The adapters go on
+        adapter_device (default: the weight's), so a meta-device base still gets real, seeded adapters."""
         weight = linear.weight
+        device = adapter_device or weight.device
         lora = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank,
                    alpha=alpha, dropout=dropout, device="meta", dtype=weight.dtype)
         lora.weight, lora.bias = linear.weight, linear.bias
-        lora.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=weight.device, dtype=weight.dtype))
-        lora.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=weight.device, dtype=weight.dtype))
+        lora.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=device, dtype=weight.dtype))
+        lora.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=device, dtype=weight.dtype))
         lora.reset_lora_parameters()
         lora.train(linear.training)
         return lora
@@ -77,7 +80,8 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> int:
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str],
+               adapter_device: torch.device | None = None) -> int:
     """Replace every nn.Linear whose name ends with a target (e.g. "q_proj") by a LoRALinear.
 
     Everything else is frozen; only the LoRA parameters train. Returns how many layers
@@ -94,11 +98,11 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     for param in model.parameters():
         param.requires_grad_(False)
     for name, linear in chosen:
-        lora = LoRALinear.from_linear(linear, rank, alpha, dropout)
+        lora = LoRALinear.from_linear(linear, rank, alpha, dropout, adapter_device)
         lora.weight.requires_grad_(False)
         if lora.bias is not None:
             lora.bias.requires_grad_(False)
-        _set_submodule(model, name, lora)
+        set_submodule(model, name, lora)
     return len(chosen)
 
 
@@ -111,7 +115,7 @@ def merge_lora(model: nn.Module) -> int:
         linear = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
         linear.weight, linear.bias = lora.weight, lora.bias
         linear.train(lora.training)
-        _set_submodule(model, name, linear)
+        set_submodule(model, name, linear)
     return len(merged)
 
 
@@ -176,7 +180,7 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -56,8 +56,14 @@ def all_gather_with_grad(x: Tensor, group) -> Tensor:
 
 
 def _square_sum_counted_once(grad: Tensor) -> Tensor:
-    """Sum of squares of this rank's part of grad, zero where another rank holds the same copy."""
+    """Sum of squares of this rank's part of grad, zero where another rank holds the same copy.
+
+    A plain tensor in a distributed run is a copy every rank holds (parallelize() leaves none
+    when tp > 1 or dp > 1, but a caller may): it counts on rank 0 only.
+    """
     if not isinstance(grad, DTensor):
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return torch.zeros((), device=grad.device)
         return grad.float().pow(2).sum()
     coordinate = grad.device_mesh.get_coordinate()
     for dim, placement in enumerate(grad.placements):

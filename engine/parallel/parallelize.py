@@ -1,15 +1,20 @@
 """Turn a task model built for one process into its parallel layout, in place.
 
-The model is first built whole on every rank (same seed, same weights, same LoRA init),
-then each layer is swapped for its tensor-parallel counterpart keeping only this rank's
-slice (tensor.py), then FSDP2 shards what remains over dp x ring x ulysses (data.py).
+The model is built on every rank with the same seed (same LoRA init): whole for random
+init, or with its backbone on the meta device when it comes from a checkpoint. Each layer
+is swapped for its tensor-parallel counterpart keeping only this rank's slice (tensor.py),
+a meta backbone is then filled with just those slices (load.py), and FSDP2 shards what
+remains over dp x ring x ulysses (data.py).
 Parameter names do not change, so checkpoints and exports see the single-process names.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from engine.model.lora import set_submodule
 from engine.parallel.data import shard_data_parallel
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.tensor import (
@@ -25,9 +30,14 @@ from engine.parallel.tensor import (
 )
 
 
-def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> nn.Module:
+def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool,
+                load_weights: Callable[[nn.Module], object] | None = None) -> nn.Module:
+    """load_weights(task), when given, runs after the tensor-parallel split and before FSDP:
+    it fills a meta-device backbone with this rank's slices (engine.parallel.load)."""
     if mesh.tp > 1:
         apply_tensor_parallel(task, mesh, sequence_parallel)
+    if load_weights is not None:
+        load_weights(task)
     if mesh.dp_sp > 1:
         shard_data_parallel(task, mesh)
     if mesh.dp > 1 and hasattr(task, "dp_group"):
@@ -75,7 +85,7 @@ def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel
 
     for name, module in list(task.named_modules()):
         if type(module) is nn.Linear:  # a task head on replicated (gathered) hidden states
-            _set_submodule(task, name, ReplicatedLinear(module, tp_mesh))
+            set_submodule(task, name, ReplicatedLinear(module, tp_mesh))
     plain = [name for name, p in task.named_parameters() if not isinstance(p, DTensor)]
     if plain:
         raise TypeError(f"tensor parallelism left parameters without a tp layout: {', '.join(plain[:5])}")
@@ -86,9 +96,3 @@ def _vocab_shard(lm_head: nn.Linear, tp_mesh) -> nn.Parameter:
         nn.Embedding.from_pretrained(lm_head.weight.detach(), freeze=not lm_head.weight.requires_grad),
         tp_mesh, sequence_parallel=False,
     ).weight
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)

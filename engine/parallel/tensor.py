@@ -253,7 +253,7 @@ class RowParallelLinear(_ParallelLinearBase):
         if self.lora:
             # (x_own A_own^T) summed over ranks is x A^T; B is linear, so one reduction covers both.
             lora_b = copy_to_tp(local(self.lora_B), self.group)
-            partial = partial + F.linear(F.linear(self.lora_dropout(x), local(self.lora_A)), lora_b) * self.scaling
+            partial = partial + F.linear(F.linear(self._dropout_own_features(x), local(self.lora_A)), lora_b) * self.scaling
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(partial, self.group)
             bias = None if self.bias is None else copy_to_tp(local(self.bias), self.group)  # tokens differ per rank
@@ -261,6 +261,17 @@ class RowParallelLinear(_ParallelLinearBase):
             y = reduce_from_tp(partial, self.group)
             bias = local(self.bias)
         return y if bias is None else y + bias
+
+    def _dropout_own_features(self, x: Tensor) -> Tensor:
+        """LoRA dropout on this rank's input features. Every tp rank draws the same RNG stream,
+        so each draws the mask of all features and keeps its own columns: one mask over the
+        whole input, as in one process, not the same pattern repeated on every slice."""
+        drop = self.lora_dropout
+        if not (isinstance(drop, nn.Dropout) and drop.p > 0 and self.training):
+            return x
+        keep = torch.empty(*x.shape[:-1], x.shape[-1] * self.tp, device=x.device).bernoulli_(1 - drop.p)
+        own = keep.chunk(self.tp, dim=-1)[self.tp_rank].to(x.dtype)
+        return x * own / (1 - drop.p)
 
 
 class HeadSliceLinear(_ParallelLinearBase):

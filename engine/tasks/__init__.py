@@ -5,7 +5,7 @@ from engine.tasks.reranker import RerankerTask
 __all__ = ["EmbeddingTask", "RerankerTask", "build_task"]
 
 
-def build_task(backbone, task_cfg, tokenizer=None):
+def build_task(backbone, task_cfg, tokenizer=None, head_device=None):
     if task_cfg.type == "embedding":
         return EmbeddingTask(backbone, task_cfg)
-    return RerankerTask(backbone, task_cfg, tokenizer)
+    return RerankerTask(backbone, task_cfg, tokenizer, head_device=head_device)

@@ -17,7 +17,8 @@ from engine.tasks.pooling import pool
 
 
 class RerankerTask(nn.Module):
-    def __init__(self, backbone: nn.Module, cfg, tokenizer=None, yes_no_ids: tuple[int, int] | None = None):
+    def __init__(self, backbone: nn.Module, cfg, tokenizer=None, yes_no_ids: tuple[int, int] | None = None,
+                 head_device=None):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
@@ -27,7 +28,9 @@ class RerankerTask(nn.Module):
             self.yes_no_ids = yes_no_ids
         else:
             embed = backbone.model.embed_tokens.weight
-            self.score = nn.Linear(embed.shape[1], 1, bias=False, dtype=embed.dtype, device=embed.device)
+            # Real even when the backbone waits on the meta device for its slices (parallel loading).
+            device = head_device or embed.device
+            self.score = nn.Linear(embed.shape[1], 1, bias=False, dtype=embed.dtype, device=device)
 
     def scores(self, pairs: PackedSequences) -> Tensor:
         hidden = self.backbone(

@@ -80,18 +80,36 @@ def build_backbone(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, s
     return model
 
 
-def build_task_model(cfg: RunConfig, device: torch.device, tokenizer):
-    """Backbone (+ LoRA) wrapped in its task; the task head is created after LoRA so it stays trainable."""
+def build_task_model(cfg: RunConfig, device: torch.device, tokenizer, meta_backbone: bool = False):
+    """Backbone (+ LoRA) wrapped in its task; the task head is created after LoRA so it stays trainable.
+
+    meta_backbone: the backbone's weights stay on the meta device (engine.parallel.load fills
+    each rank's slices after tensor parallelism); adapters and heads are real and seeded the same.
+    """
     from engine.model.lora import apply_lora
     from engine.tasks import build_task
 
     dtype = resolve_dtype(cfg.model.dtype, device)
-    backbone = build_backbone(cfg.model, device, dtype, cfg.train.seed)
+    if meta_backbone:
+        backbone = meta_backbone_from(cfg.model, dtype)
+    else:
+        backbone = build_backbone(cfg.model, device, dtype, cfg.train.seed)
     if cfg.lora.rank > 0:
         # Seeded so that the LoRA A matrices are the same for every run with this seed.
         torch.manual_seed(cfg.train.seed + 1)
-        apply_lora(backbone, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.targets))
+        apply_lora(backbone, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.targets),
+                   adapter_device=device)
     torch.manual_seed(cfg.train.seed + 2)
-    task = build_task(backbone, cfg.task, tokenizer)
-    task.to(device)
+    task = build_task(backbone, cfg.task, tokenizer, head_device=device)
+    if not meta_backbone:
+        task.to(device)
     return task
+
+
+def meta_backbone_from(cfg: ModelConfig, dtype: torch.dtype):
+    from engine.model.hf_io import meta_model
+
+    select_attention_backend(cfg.attn_backend)
+    backbone = meta_model(cfg.path, causal=cfg.causal).to(dtype=dtype)
+    backbone.gradient_checkpointing = cfg.gradient_checkpointing
+    return backbone

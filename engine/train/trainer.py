@@ -85,10 +85,13 @@ class Trainer:
         _check_teacher_scores(cfg, self.train_examples)
         self.tokenizer = load_tokenizer(cfg.model)
         self.text_encoder = TextEncoder(self.tokenizer, cfg.task, cfg.data)
-        self.model = build_task_model(cfg, self.device, self.tokenizer)
+        # Parallel runs from a checkpoint never hold the whole model: each rank reads its slices.
+        sliced_load = self.mesh.distributed and bool(cfg.model.path)
+        self.model = build_task_model(cfg, self.device, self.tokenizer, meta_backbone=sliced_load)
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        parallelize(self.model, self.mesh, cfg.parallel.sequence_parallel)
+        parallelize(self.model, self.mesh, cfg.parallel.sequence_parallel,
+                    load_weights=self._load_slices if sliced_load else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         say(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable on {self.device}; "
             f"layout {self.mesh.describe()}"
@@ -113,6 +116,16 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(config_yaml)
         self._maybe_resume()
+
+    def _load_slices(self, task) -> None:
+        from engine.model.hf_io import CheckpointSlices
+        from engine.parallel.load import load_local_shards
+        from engine.train.build import resolve_dtype
+
+        slices = CheckpointSlices(self.cfg.model.path, task.backbone.args)
+        dtype = resolve_dtype(self.cfg.model.dtype, self.device)
+        count = load_local_shards(task, slices, dtype, self.device)
+        self.log(f"read this rank's slices of {count} tensors from {self.cfg.model.path}")
 
     # ---- checkpoints -------------------------------------------------------------------
     def _trainer_state(self) -> dict:
