@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from engine.data.batch import PackedSequences
@@ -28,12 +29,32 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def run_packed(forward, token_lists: list[list[int]], batch_size: int, device: torch.device,
-               autocast_dtype: torch.dtype | None = None) -> Tensor:
-    """forward(PackedSequences) -> (num_seqs, ...) for every text, in input order, on CPU as float32."""
-    results: list[Tensor | None] = [None] * len(token_lists)
-    for index, packed in _batched(token_lists, batch_size):
+               autocast_dtype: torch.dtype | None = None, dp_group=None) -> Tensor:
+    """forward(PackedSequences) -> (num_seqs, ...) for every text, in input order, on CPU as float32.
+
+    With a data-parallel group, rank r runs batches r, r + dp, ... and the results are
+    gathered, so every rank returns all of them. Every rank makes the same number of forward
+    calls (a rank short of batches repeats one and drops its output): FSDP gathers
+    parameters in each call, and all ranks of the group must take part.
+    """
+    batches = list(_batched(token_lists, batch_size))
+    size = 1 if dp_group is None else dist.get_world_size(dp_group)
+    rank = 0 if dp_group is None else dist.get_rank(dp_group)
+    mine = batches[rank::size]
+    rounds = -(-len(batches) // size)
+    found: list[tuple[list[int], Tensor]] = []
+    for r in range(rounds):
+        index, packed = mine[r] if r < len(mine) else (None, batches[0][1])
         with _autocast(device, autocast_dtype):
             out = forward(packed.to(device)).float().cpu()
+        if index is not None:
+            found.append((index, out))
+    if dp_group is not None:
+        gathered: list = [None] * size
+        dist.all_gather_object(gathered, found, group=dp_group)
+        found = [item for part in gathered for item in part]
+    results: list[Tensor | None] = [None] * len(token_lists)
+    for index, out in found:
         for row, i in enumerate(index):
             results[i] = out[row]
     if not results:
@@ -46,7 +67,8 @@ def _in_eval_mode(task, forward, token_lists, batch_size, device, autocast_dtype
     was_training = task.training
     task.eval()
     try:
-        return run_packed(forward, token_lists, batch_size, device, autocast_dtype)
+        return run_packed(forward, token_lists, batch_size, device, autocast_dtype,
+                          dp_group=getattr(task, "dp_group", None))
     finally:
         task.train(was_training)
 

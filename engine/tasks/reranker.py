@@ -22,6 +22,7 @@ class RerankerTask(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        self.dp_group = None  # set by engine.parallel.parallelize: evaluation splits batches over it
         if cfg.head == "yes_no":
             if yes_no_ids is None:
                 yes_no_ids = yes_no_token_ids(tokenizer, cfg)

@@ -13,6 +13,7 @@ pytest process) and in each layout (spawned ranks running the real Trainer). Com
   and AdamW divides it by its own magnitude (m / (sqrt(v) + eps)), so its update can differ
   by up to lr per step; those elements are held to that bound instead. They are few (a few
   per tensor, plus embedding rows of tokens the batch never used, whose gradient is 0).
+The held-out metrics after the steps (evaluation is split over dp ranks) must agree too.
 Layouts: tp 2 and 4 with sequence parallelism on and off (tp 4 with 2 KV heads replicates
 KV heads), dp 2, dp 2 x tp 2; and for the embedding task dp 2 with grad_accum and grad_cache.
 Tasks: embedding and reranker, LoRA and full fine-tuning, over the llama, qwen2 and qwen3
@@ -109,6 +110,7 @@ def run_steps(trainer: Trainer, noise_masks: bool = False) -> dict:
                 mask = _noise_level(grad)
                 record["noise"][name] = record["noise"].get(name, mask) | mask
     record["params"] = gather_full_parameters(trainer.model)
+    record["eval"] = trainer.evaluate()  # split over dp ranks, gathered
     return record
 
 
@@ -125,7 +127,8 @@ def _noise_level(grad: torch.Tensor) -> torch.Tensor:
 
 def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) -> Trainer:
     overrides = [o.replace(MODEL_DIR, os.path.join(data_dir, "model")) for o in overrides]
-    cfg, yaml = compose(TINY + overrides + [f"data.train={data_dir}/train.jsonl", f"train.output_dir={run_dir}"])
+    cfg, yaml = compose(TINY + overrides + [f"data.train={data_dir}/train.jsonl", f"data.eval={data_dir}/eval.jsonl",
+                                            f"train.output_dir={run_dir}", "eval.batch_size=4"])
     validate(cfg)
     return Trainer(cfg, yaml, mesh)
 
@@ -156,6 +159,7 @@ def _free_port() -> int:
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parity-data")
     write_jsonl(folder / "train.jsonl", synthetic_examples(24, seed=0))
+    write_jsonl(folder / "eval.jsonl", synthetic_examples(7, seed=1))  # 7 queries: batches do not split evenly
     _write_tiny_model(str(folder / "model"))
     return str(folder)
 
@@ -218,6 +222,7 @@ def test_layout_matches_single_process(task, extra, layout, parallel_results, re
         assert got["grads"][name].shape == grad.shape, name
         error = float((got["grads"][name] - grad).norm() / max(float(grad.norm()), scale))
         assert error <= 1e-5, f"gradient of {name} at step 1: relative error {error:.3g}"
+    assert got["eval"] == pytest.approx(ref["eval"], abs=1e-6), "held-out metrics after the steps"
     assert set(got["params"]) == set(ref["params"])
     for name, param in ref["params"].items():
         noise = ref["noise"].get(name, torch.zeros(param.shape, dtype=torch.bool))
