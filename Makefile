@@ -26,10 +26,15 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 # The demos always start fresh (a run folder with checkpoints is otherwise only resumed on request).
+# The embedding demo is a parallel run: 2 processes (data parallel, cross-rank negatives), one
+# thread each; DEMO_NPROC / DEMO_ARGS choose another layout (e.g. DEMO_NPROC=3 DEMO_ARGS=parallel.tp=3).
+DEMO_NPROC ?= 2
+DEMO_ARGS ?=
 demo: install
 	$(BIN)/python launch/prepare_demo.py
 	rm -rf outputs/demo
-	$(BIN)/python launch/train.py +exp=demo
+	OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=$(DEMO_NPROC) \
+		launch/train.py +exp=demo $(DEMO_ARGS)
 
 demo-reranker: install
 	$(BIN)/python launch/prepare_demo.py

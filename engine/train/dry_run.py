@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from engine.parallel.layout import check_model_fits_layout, layout_from_config
+from engine.parallel.layout import check_batch_fits_layout, check_model_fits_layout, layout_from_config
 from engine.train.build import model_args
 from engine.train.memory import plan_memory
 
@@ -19,6 +19,7 @@ def dry_run(cfg) -> dict:
     layout = layout_from_config(cfg.parallel)
     seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
     check_model_fits_layout(args, layout, seq_len)
+    check_batch_fits_layout(cfg.train, layout)
     with torch.device("meta"):
         model = Transformer(args)
     total = sum(p.numel() for p in model.parameters())

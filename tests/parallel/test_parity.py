@@ -5,7 +5,7 @@ pytest process) and in each layout (spawned ranks running the real Trainer). Com
 - the loss and the clip norm at each of the 3 steps (relative 1e-5);
 - every parameter's gradient at the first step (relative 1e-5 of the tensor's norm, or of the
   median tensor's norm for tensors whose gradient is smaller than that: q/k LoRA B gradients
-  pass through the softmax and a 1/temperature of 20 and come out ~10x smaller than the rest,
+  pass through the softmax and the 1/temperature of InfoNCE and come out ~10x smaller than the rest,
   with the same absolute float32 noise);
 - every parameter after the 3 AdamW steps (rtol 1e-4, atol 1e-6), except elements whose
   gradient was at float32 noise level at some step (below 1e-4 of the tensor's RMS gradient,
@@ -41,7 +41,11 @@ STEPS = 3
 LR = 1e-3  # the largest learning rate of any variant
 TINY = ["train.batch_size=4", "task.num_negatives=2", f"train.lr={LR}", "train.tensorboard=false",
         "train.save_final=false", "task.query_instruction=find the item", "task.instruction=find the item",
-        "data.query_max_len=48", "data.doc_max_len=24", "data.max_len=96", "task.template=plain", "train.max_steps=10"]
+        "data.query_max_len=48", "data.doc_max_len=24", "data.max_len=96", "task.template=plain", "train.max_steps=10",
+        # InfoNCE multiplies float32 rounding by 1/temperature; at 0.05 the noise floor of a few
+        # gradients reaches 2e-5 relative (still noise: the same layouts agree to 1e-6 elsewhere),
+        # so the comparison runs at 0.2 to keep the 1e-5 tolerance meaningful.
+        "task.temperature=0.2"]
 
 TASKS = {
     # LoRA at lr 1e-4: A's first gradients (B is 0 at init) are tiny, many near AdamW's eps,
