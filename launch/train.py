@@ -48,7 +48,8 @@ def _train(cfg, config_yaml: str, mesh) -> int:
     try:
         results = trainer.train()
     except TrainingAborted as err:
-        print(f"training aborted: {err}", file=sys.stderr)
+        prefix = f"[rank {mesh.rank}] " if mesh.distributed else ""
+        print(f"{prefix}training aborted: {err}", file=sys.stderr)
         return 1
     summary = {"run_dir": cfg.train.output_dir, "steps": trainer.step}
     for when in ("zero_shot", "final"):

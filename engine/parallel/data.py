@@ -76,10 +76,10 @@ def _square_sum_counted_once(grad: Tensor) -> Tensor:
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, mesh: ParallelMesh) -> float:
     """Global L2 norm of all gradients (every element once, over every rank); scale them to
     max_norm when above it. Returns the norm before clipping, the same number on every rank."""
-    grads = [p.grad for p in params if p.grad is not None]
     if not mesh.distributed:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    device = grads[0].device if grads else torch.device("cpu")
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device(mesh.device_mesh.device_type)
     total = torch.zeros((), device=device, dtype=torch.float64)
     for grad in grads:
         total += _square_sum_counted_once(grad).double()
@@ -115,10 +115,12 @@ class _QuietRedistribute(logging.Filter):
 
 
 @torch.no_grad()
-def gather_full_parameters(model: nn.Module, gradients: bool = False) -> dict[str, Tensor]:
+def gather_full_parameters(model: nn.Module, gradients: bool = False, rank0_only: bool = False) -> dict[str, Tensor]:
     """Every parameter (or, with gradients=True, every gradient there is) as one whole CPU
-    tensor, by its global name. Collective: every rank calls it, in the same order, and every
-    rank gets the result (export uses rank 0's)."""
+    tensor, by its global name. Collective: every rank calls it, in the same order. With
+    rank0_only the other ranks drop each tensor once gathered (they return {}), so only rank 0
+    ever holds the whole model (export)."""
+    keep = not (rank0_only and dist.is_initialized() and dist.get_rank() != 0)
     # Strided FSDP x TP shards gather in two steps; DTensor warns about that each time.
     quiet = _QuietRedistribute()
     logger = logging.getLogger("torch.distributed.tensor._redistribute")
@@ -130,7 +132,8 @@ def gather_full_parameters(model: nn.Module, gradients: bool = False) -> dict[st
             if tensor is None:
                 continue
             tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            out[name] = tensor.detach().cpu()
+            if keep:
+                out[name] = tensor.detach().cpu()
         return out
     finally:
         logger.removeFilter(quiet)

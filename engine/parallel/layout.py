@@ -114,3 +114,14 @@ def check_trainable_layout(cfg, layout: Layout, args) -> None:
     seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
     check_model_fits_layout(args, layout, seq_len)
     check_batch_fits_layout(cfg.train, layout)
+    if layout.tp > 1 and cfg.lora.rank > 0:
+        others = sorted(set(cfg.lora.targets) - set(TENSOR_PARALLEL_PROJECTIONS))
+        if others:
+            raise ConfigError(
+                f"lora.targets={list(cfg.lora.targets)}: with parallel.tp > 1 LoRA adapts only the block "
+                f"projections ({', '.join(TENSOR_PARALLEL_PROJECTIONS)}); not {', '.join(others)}"
+            )
+
+
+# The linears tensor parallelism splits (and so can carry LoRA adapters split alike).
+TENSOR_PARALLEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

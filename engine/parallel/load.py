@@ -7,6 +7,8 @@ rank's chunk along d; Replicate: all of it); a plain parameter is read whole.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -36,22 +38,31 @@ def _filled(param: nn.Parameter, tensor: torch.Tensor) -> nn.Parameter:
 
 
 @torch.no_grad()
-def load_local_shards(task: nn.Module, slices: CheckpointSlices, dtype: torch.dtype,
-                      device: torch.device, prefix: str = "backbone.") -> int:
-    """Replace every meta parameter under `prefix` by its slice read from `slices`; returns
-    how many tensors were read. Tied parameters stay one object."""
-    names = {id(p): name for name, p in task.named_parameters() if name.startswith(prefix)}
+def fill_meta_parameters(model: nn.Module, read: Callable[[str, nn.Parameter], torch.Tensor],
+                         prefix: str = "") -> int:
+    """Replace every meta-device parameter named `prefix...` by read(name without prefix, param);
+    returns how many tensors were read. Tied parameters stay one object."""
+    names = {id(p): name for name, p in model.named_parameters() if name.startswith(prefix)}
     replaced: dict[int, nn.Parameter] = {}
-    for module in task.modules():
+    for module in model.modules():
         for attr, param in list(module._parameters.items()):
             if param is None or not param.is_meta or id(param) not in names:
                 continue
             if id(param) not in replaced:
-                name = names[id(param)].removeprefix(prefix)
-                local = slices.read(name, _local_index(param), dtype=dtype, device=device)
-                replaced[id(param)] = _filled(param, local)
+                replaced[id(param)] = _filled(param, read(names[id(param)].removeprefix(prefix), param))
             setattr(module, attr, replaced[id(param)])
-    still_meta = [name for name, p in task.named_parameters() if p.is_meta]
+    still_meta = [name for name, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise CheckpointError(f"{slices.path}: no weights were loaded for {', '.join(still_meta[:5])}")
+        raise CheckpointError(f"no weights were loaded for {', '.join(still_meta[:5])}")
     return len(replaced)
+
+
+def load_local_shards(task: nn.Module, slices: CheckpointSlices, dtype: torch.dtype,
+                      device: torch.device, prefix: str = "backbone.") -> int:
+    """Fill a meta backbone with this rank's slices of the checkpoint `slices` reads."""
+    try:
+        return fill_meta_parameters(
+            task, lambda name, param: slices.read(name, _local_index(param), dtype=dtype, device=device), prefix
+        )
+    except CheckpointError as err:
+        raise CheckpointError(f"{slices.path}: {err}") from None

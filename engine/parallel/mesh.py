@@ -87,7 +87,9 @@ class ParallelMesh:
 
 
 def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+    """gloo on CPU; on GPUs nccl for CUDA tensors plus gloo for the few CPU ones (logged loss,
+    token counts, gathered evaluation results), which nccl refuses."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
 
 def init_mesh(layout: Layout, device: torch.device) -> ParallelMesh:

@@ -27,6 +27,7 @@ from engine.parallel.tensor import (
     SequenceGather,
     VocabParallelEmbedding,
     VocabParallelHead,
+    tp_parameter,
 )
 
 
@@ -75,7 +76,9 @@ def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel
 
     decoder = backbone.model
     embedding = VocabParallelEmbedding(decoder.embed_tokens, tp_mesh, sequence_parallel)
-    head_weight = embedding.weight if args.tie_word_embeddings else _vocab_shard(backbone.lm_head, tp_mesh)
+    head_weight = embedding.weight
+    if not args.tie_word_embeddings:
+        head_weight = tp_parameter(backbone.lm_head.weight, tp_mesh, 0, backbone.lm_head.weight.requires_grad)
     decoder.embed_tokens = embedding
     backbone.lm_head = VocabParallelHead(head_weight, embedding.vocab_start, embedding.vocab_end, group)
     decoder.norm = ParallelRMSNorm(decoder.norm, tp_mesh, sum_grads=sequence_parallel)
@@ -89,10 +92,3 @@ def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel
     plain = [name for name, p in task.named_parameters() if not isinstance(p, DTensor)]
     if plain:
         raise TypeError(f"tensor parallelism left parameters without a tp layout: {', '.join(plain[:5])}")
-
-
-def _vocab_shard(lm_head: nn.Linear, tp_mesh) -> nn.Parameter:
-    return VocabParallelEmbedding(
-        nn.Embedding.from_pretrained(lm_head.weight.detach(), freeze=not lm_head.weight.requires_grad),
-        tp_mesh, sequence_parallel=False,
-    ).weight

@@ -176,7 +176,7 @@ class SequenceGather(nn.Module):
 # ---- parameters --------------------------------------------------------------------------------
 
 
-def _parameter(full: Tensor, tp_mesh, shard_dim: int | None, requires_grad: bool) -> nn.Parameter:
+def tp_parameter(full: Tensor, tp_mesh, shard_dim: int | None, requires_grad: bool) -> nn.Parameter:
     """A DTensor parameter with the global shape of `full`: this rank's slice, or all of it."""
     if shard_dim is None:
         local_part, placements = full.detach(), [Replicate()]
@@ -205,15 +205,15 @@ class _ParallelLinearBase(nn.Module):
         self.group = tp_mesh.get_group()
         self.tp_rank, self.tp = tp_mesh.get_local_rank(), tp_mesh.size()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = _parameter(linear.weight, tp_mesh, self.weight_dim, linear.weight.requires_grad)
+        self.weight = tp_parameter(linear.weight, tp_mesh, self.weight_dim, linear.weight.requires_grad)
         self.bias = None
         if linear.bias is not None:
-            self.bias = _parameter(linear.bias, tp_mesh, self.bias_dim, linear.bias.requires_grad)
+            self.bias = tp_parameter(linear.bias, tp_mesh, self.bias_dim, linear.bias.requires_grad)
         self.lora = isinstance(linear, LoRALinear)
         if self.lora:
             self.rank, self.alpha, self.scaling = linear.rank, linear.alpha, linear.scaling
-            self.lora_A = _parameter(linear.lora_A, tp_mesh, self.lora_a_dim, linear.lora_A.requires_grad)
-            self.lora_B = _parameter(linear.lora_B, tp_mesh, self.lora_b_dim, linear.lora_B.requires_grad)
+            self.lora_A = tp_parameter(linear.lora_A, tp_mesh, self.lora_a_dim, linear.lora_A.requires_grad)
+            self.lora_B = tp_parameter(linear.lora_B, tp_mesh, self.lora_b_dim, linear.lora_B.requires_grad)
             self.lora_dropout = linear.lora_dropout
 
     def extra_repr(self) -> str:
@@ -311,7 +311,7 @@ class VocabParallelEmbedding(nn.Module):
         per_rank = embedding.num_embeddings // tp_mesh.size()
         self.vocab_start = tp_mesh.get_local_rank() * per_rank
         self.vocab_end = self.vocab_start + per_rank
-        self.weight = _parameter(embedding.weight, tp_mesh, 0, embedding.weight.requires_grad)
+        self.weight = tp_parameter(embedding.weight, tp_mesh, 0, embedding.weight.requires_grad)
 
     def forward(self, ids: Tensor) -> Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
@@ -356,7 +356,7 @@ class ParallelRMSNorm(RMSNorm):
     def __init__(self, norm: RMSNorm, tp_mesh, sum_grads: bool):
         nn.Module.__init__(self)
         self.eps, self.group, self.sum_grads = norm.eps, tp_mesh.get_group(), sum_grads
-        self.weight = _parameter(norm.weight, tp_mesh, None, norm.weight.requires_grad)
+        self.weight = tp_parameter(norm.weight, tp_mesh, None, norm.weight.requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = local(self.weight)
@@ -376,8 +376,8 @@ class ReplicatedLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, tp_mesh):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = _parameter(linear.weight, tp_mesh, None, linear.weight.requires_grad)
-        self.bias = None if linear.bias is None else _parameter(linear.bias, tp_mesh, None, linear.bias.requires_grad)
+        self.weight = tp_parameter(linear.weight, tp_mesh, None, linear.weight.requires_grad)
+        self.bias = None if linear.bias is None else tp_parameter(linear.bias, tp_mesh, None, linear.bias.requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, local(self.weight), local(self.bias))

@@ -127,8 +127,8 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
         state = {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
     else:
         state = {"model": get_state_dict(model, [], options=_options())[0]}
-    if torch.cuda.is_available() and optimizer is not None:
-        state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    if torch.cuda.is_available() and optimizer is not None and _has_key(path, "rng.cuda"):
+        state["rng"]["cuda"] = torch.cuda.get_rng_state()  # absent when the checkpoint was saved on CPU
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path)
     set_state_dict(
@@ -141,6 +141,11 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
         if "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
     return read_trainer_state(path)
+
+
+def _has_key(path: str, key: str) -> bool:
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    return any(name == key or name.startswith(key + ".") for name in metadata.state_dict_metadata)
 
 
 def resolve_resume(resume: str, run_dir: str) -> str | None:

@@ -25,10 +25,11 @@ import torch
 from engine.config import ConfigError, RunConfig
 from engine.data.collate import Collator
 from engine.data.formats import load_examples
-from engine.data.sampler import BatchSampler
+from engine.data.sampler import BatchSampler, derived_seed
 from engine.data.tokenize import TextEncoder
 from engine.train import checkpoint as ckpt
 from engine.parallel.data import clip_grad_norm, gather_full_parameters, reduce_mean, reduce_sum
+from engine.parallel.load import fill_meta_parameters
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.parallelize import parallelize
 from engine.train.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
@@ -65,7 +66,7 @@ class Trainer:
         self.cfg = cfg
         self.config_yaml = config_yaml
         self.mesh = mesh or ParallelMesh()
-        self.log = say = log if self.mesh.is_logging_rank else _quiet
+        self.log = log if self.mesh.is_logging_rank else _quiet
         self.run_dir = cfg.train.output_dir
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads:
@@ -75,11 +76,11 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.run_dir)
 
         # Data first: a bad file fails before any model is built.
-        self.train_examples = load_examples(cfg.data.train, on_error=cfg.data.on_error, warn=say)
+        self.train_examples = load_examples(cfg.data.train, on_error=cfg.data.on_error, warn=self.log)
         self.eval_examples = (
-            load_examples(cfg.data.eval, on_error=cfg.data.on_error, warn=say) if cfg.data.eval else []
+            load_examples(cfg.data.eval, on_error=cfg.data.on_error, warn=self.log) if cfg.data.eval else []
         )
-        say(f"data: {len(self.train_examples)} training examples from {cfg.data.train}"
+        self.log(f"data: {len(self.train_examples)} training examples from {cfg.data.train}"
             + (f", {len(self.eval_examples)} evaluation queries from {cfg.data.eval}" if cfg.data.eval else ""))
 
         _check_teacher_scores(cfg, self.train_examples)
@@ -93,19 +94,19 @@ class Trainer:
         parallelize(self.model, self.mesh, cfg.parallel.sequence_parallel,
                     load_weights=self._load_slices if sliced_load else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        say(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable on {self.device}; "
+        self.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable on {self.device}; "
             f"layout {self.mesh.describe()}"
             + (f", sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}" if self.mesh.tp > 1 else ""))
 
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.sampler = BatchSampler(len(self.train_examples), cfg.train.batch_size, cfg.train.seed)
-        self.collator = Collator(self.text_encoder, cfg.task, cfg.train.seed, warn=say)
+        self.collator = Collator(self.text_encoder, cfg.task, cfg.train.seed, warn=self.log)
         self.step = 0
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
         if cfg.train.grad_accum > 1:
-            say(f"warning: train.grad_accum={cfg.train.grad_accum} splits each step into micro-batches of "
+            self.log(f"warning: train.grad_accum={cfg.train.grad_accum} splits each step into micro-batches of "
                 f"{cfg.train.batch_size // cfg.train.grad_accum} queries, which shrinks the in-batch negative pool "
                 "by the same factor; train.grad_cache=true keeps the full pool")
 
@@ -168,13 +169,17 @@ class Trainer:
         """
         if not self.mesh.distributed:
             return self.model
-        full = gather_full_parameters(self.model)
+        full = gather_full_parameters(self.model, rank0_only=True)
         if not self.mesh.is_logging_rank:
             return None
-        model = build_task_model(self.cfg, torch.device("cpu"), self.tokenizer)
+        # The backbone from a checkpoint stays on meta and takes the gathered tensors as they are.
+        model = build_task_model(self.cfg, torch.device("cpu"), self.tokenizer,
+                                 meta_backbone=bool(self.cfg.model.path))
+        fill_meta_parameters(model, lambda name, param: full[name])
         with torch.no_grad():
             for name, param in model.named_parameters():
-                param.copy_(full[name])
+                if param.data_ptr() != full[name].data_ptr():
+                    param.copy_(full[name])
         return model
 
     # ---- one optimizer step ------------------------------------------------------------
@@ -208,8 +213,13 @@ class Trainer:
         own_rows = range(self.mesh.dp_rank * share, (self.mesh.dp_rank + 1) * share)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        # Dropout draws from (seed, step, dp rank): tp ranks share masks, dp ranks (different
+        # queries) do not, and a resumed run draws what the uninterrupted one did in any layout.
+        torch.manual_seed(derived_seed(cfg.seed, "dropout", self.step, self.mesh.dp_rank))
         loss, tokens = 0.0, 0
         for part in range(cfg.grad_accum):
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last micro-batch
+                self.model.set_requires_gradient_sync(part == cfg.grad_accum - 1)
             batch = self.collator(examples[part * micro : (part + 1) * micro], self.step,
                                   first_position=part * micro, rows=own_rows).to(self.device)
             tokens += batch.num_tokens
@@ -251,7 +261,7 @@ class Trainer:
         start = time.perf_counter()
         metrics = evaluate_task(
             self.model, self.text_encoder, self.eval_examples, self.cfg, self.device,
-            self.autocast_dtype, save_run=save_run,
+            self.autocast_dtype, save_run=save_run if self.mesh.is_logging_rank else None,
         )
         record = {"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}}
         self.logger.log(record)

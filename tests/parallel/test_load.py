@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def _compare(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     mesh = init_mesh(Layout(tp=world), torch.device("cpu"))
     cfg, _ = compose([f"model.path={folder}", "task=reranker", "task.head=linear", "lora.rank=4"])
     cpu, tokenizer = torch.device("cpu"), byte_tokenizer()

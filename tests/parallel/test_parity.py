@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ from engine.train.trainer import Trainer
 from tests.conftest import synthetic_examples, write_jsonl
 
 STEPS = 3
-LR = 1e-3  # the largest learning rate of any variant
+LR = 1e-3  # variants may lower it
 TINY = ["train.batch_size=4", "task.num_negatives=2", f"train.lr={LR}", "train.tensorboard=false",
         "train.save_final=false", "task.query_instruction=find the item", "task.instruction=find the item",
         "data.query_max_len=48", "data.doc_max_len=24", "data.max_len=96", "task.template=plain", "train.max_steps=10",
@@ -111,6 +112,8 @@ def run_steps(trainer: Trainer, noise_masks: bool = False) -> dict:
             record["grads"] = grads
         if noise_masks:
             for name, grad in grads.items():
+                if not grad.any():
+                    continue  # an all-zero gradient (LoRA A while B is 0) moves nothing
                 mask = _noise_level(grad)
                 record["noise"][name] = record["noise"].get(name, mask) | mask
     record["params"] = gather_full_parameters(trainer.model)
@@ -129,6 +132,11 @@ def _noise_level(grad: torch.Tensor) -> torch.Tensor:
     return (grad.abs() < 1e-4 * rms) | (grad.abs() < 100 * ADAM_EPS)
 
 
+def _learning_rate(task: str) -> float:
+    lrs = [float(arg.split("=", 1)[1]) for arg in TASKS[task] if arg.startswith("train.lr=")]
+    return lrs[-1] if lrs else LR
+
+
 def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) -> Trainer:
     overrides = [o.replace(MODEL_DIR, os.path.join(data_dir, "model")) for o in overrides]
     cfg, yaml = compose(TINY + overrides + [f"data.train={data_dir}/train.jsonl", f"data.eval={data_dir}/eval.jsonl",
@@ -141,7 +149,8 @@ def _worker(rank: int, world: int, port: int, data_dir: str, out_dir: str, jobs:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A hang (a collective some ranks skip) fails in two minutes instead of gloo's thirty.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     results = {}
     for i, (key, overrides) in enumerate(jobs.items()):
         cfg, _ = compose(TINY + [o for o in overrides if MODEL_DIR not in o])
@@ -238,5 +247,6 @@ def test_layout_matches_single_process(task, extra, layout, parallel_results, re
         )
         if noise.any():
             worst = float((got["params"][name] - param).abs()[noise].max())
-            assert worst <= LR * STEPS, f"{name}: a noise-level-gradient element moved {worst:.3g} > max lr x steps"
+            bound = _learning_rate(task) * STEPS
+            assert worst <= bound, f"{name}: a noise-level-gradient element moved {worst:.3g} > lr x steps"
 

@@ -515,6 +515,52 @@ def check_reduce_mean_sum(ctx: Ctx, rec: Record) -> None:
         rec.true(f"{label}: reduce_sum", got == want, f"{got} != {want}")
 
 
+def check_row_lora_dropout(ctx: Ctx, rec: Record) -> None:
+    """Row-parallel LoRA dropout: the ranks' masks are the slices of one mask over all input
+    features (the one a single process draws from the same seed), not one pattern repeated."""
+    from engine.parallel.tensor import RowParallelLinear, all_gather_rows
+
+    tp, r = ctx.tp, ctx.tp_rank
+    ref = make_linear(24, 16, bias=False, lora=True, seed=6)
+    ref.lora_dropout = nn.Dropout(0.5)
+    par = RowParallelLinear(ref, ctx.tp_mesh, sequence_parallel=False).train()
+    torch.manual_seed(123)
+    kept = par._dropout_own_features(torch.ones(TOKENS, 24 // tp)) * 0.5  # 1 kept, 0 dropped
+    torch.manual_seed(123)
+    want = torch.empty(TOKENS, 24).bernoulli_(0.5)
+    got = all_gather_rows(kept.T.contiguous(), ctx.group).T  # (TOKENS, 24): every rank's columns in order
+    rec.close("dropout mask over all features", got, want)
+    slices = want.chunk(tp, -1)
+    rec.true("ranks draw different columns", not torch.equal(slices[0], slices[1]), "slices are equal")
+    rec.true("this rank's slice", torch.equal(kept, slices[r]), "own columns differ from the full mask's")
+
+
+def check_run_packed_split(ctx: Ctx, rec: Record) -> None:
+    """Evaluation over dp ranks: each rank runs about 1/dp of the texts, every rank the same
+    number of forward calls, and all get every result in the input order."""
+    from engine.inference import run_packed
+
+    mesh = ctx.dp_mesh
+    texts = [[t % 50 + 1 for t in range(n)] for n in (5, 3, 9, 1, 4, 7, 2)]  # 7 texts: shares of 4 and 3
+    calls, seqs = [0], [0]
+
+    def forward(packed):
+        calls[0] += 1
+        seqs[0] += packed.num_seqs
+        ends = packed.cu_seqlens[1:].long()
+        sums = torch.cumsum(packed.input_ids.float(), 0)[ends - 1]
+        return torch.diff(sums, prepend=sums.new_zeros(1))[:, None]  # (num_seqs, 1): each text's id sum
+
+    got = run_packed(forward, texts, batch_size=2, device=torch.device("cpu"), dp_group=mesh.group("dp"))
+    want = torch.tensor([[float(sum(t))] for t in texts])
+    rec.close("results in input order", got, want)
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (mesh.dp_rank, calls[0], seqs[0]))
+    real = {dp_rank: n for dp_rank, _, n in counts}
+    rec.true("same number of forward calls on every rank", len({c for _, c, _ in counts}) == 1, str(counts))
+    rec.true("each dp rank ran its share", sorted(real.values()) in ([3, 4], [4, 4]), str(counts))
+
+
 # ---- the job -----------------------------------------------------------------------------------
 
 
@@ -557,6 +603,8 @@ def checks(world: int) -> list[tuple[str, object]]:
     if world == 4:
         out.append(("fsdp_tp_grads", check_fsdp_tp_grads))
     out.append(("reduce_mean_sum", check_reduce_mean_sum))
+    out.append(("row_lora_dropout", check_row_lora_dropout))
+    out.append(("run_packed_split", check_run_packed_split))
     return out
 
 
