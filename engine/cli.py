@@ -18,6 +18,8 @@ EXIT_USER_ERROR = 2
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("ember_cache"):
         OmegaConf.register_new_resolver("ember_cache", default_cache_dir)
+    if not OmegaConf.has_resolver("ember_repo"):  # the repository root, for files shipped with it
+        OmegaConf.register_new_resolver("ember_repo", lambda: os.path.dirname(CONF_DIR))
 
 
 def compose(overrides: list[str], config_name: str = "train") -> tuple[RunConfig, str]:

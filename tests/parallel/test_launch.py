@@ -16,7 +16,6 @@ The reference and the tp 2 x dp 2 runs are shared by the tests (run once per mod
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 from engine.model.hf_io import read_safetensors
-from tests.conftest import REPO, read_metrics, synthetic_examples, write_jsonl
+from tests.conftest import REPO, free_port, read_metrics, synthetic_examples, write_jsonl
 
 STEPS = 5
 SAVE_AT = 3
@@ -34,18 +33,12 @@ SAVE_AT = 3
 # at lr 1e-3 (too close to 1e-4), up to 3e-6 at lr 1e-4, where 5 steps of training still move
 # the loss by 1e-3 to 2e-2 relative (a resume that restored nothing would show).
 LR = 1e-4
-# No evaluation and no final checkpoint: only the losses, the step-3 checkpoint and exports matter.
-TINY = ["train.batch_size=4", "task.num_negatives=2", f"train.lr={LR}", "train.tensorboard=false",
-        "train.save_final=false", "task.query_instruction=find the item", "data.query_max_len=64",
-        "data.doc_max_len=24", "data.max_len=256", f"train.max_steps={STEPS}"]
+# The repository's tiny experiment (conf/exp/tiny.yaml), as a user would name it; no evaluation
+# and no final checkpoint: only the losses, the step-3 checkpoint and exports matter.
+TINY = ["+exp=tiny", "data.eval=", f"train.lr={LR}", "train.save_final=false", f"train.max_steps={STEPS}"]
 FINETUNE = {"full": [], "lora": ["lora.rank=4"]}
 LOSS_RTOL = 1e-4
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -119,7 +112,7 @@ def test_tp2_x_dp2_logs_the_single_process_losses(runs, tune):
 
 
 def test_dp4_at_equal_global_batch_logs_the_single_process_losses(runs):
-    # train.batch_size=4 over dp 4: one query per rank, the others' candidates as negatives.
+    # train.batch_size=8 over dp 4: two queries per rank, the others' candidates as negatives.
     assert_same_losses(losses(runs.get("dp4-full", 4)), losses(runs.reference("full")))
 
 

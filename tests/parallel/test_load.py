@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -18,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from engine.cli import compose
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import init_mesh
+from tests.conftest import free_port
 
 
 def _write_model(folder: str, tie: bool) -> None:
@@ -66,18 +66,13 @@ def _compare(rank: int, world: int, port: int, folder: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_sliced_loading_equals_slicing_the_whole_model(tmp_path, tie):
     folder = str(tmp_path / "model")
     _write_model(folder, tie)
     world = 4  # 2 KV heads in the tiny model: tp 4 replicates them
-    mp.spawn(_compare, args=(world, _free_port(), folder, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_compare, args=(world, free_port(), folder, str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
             result = json.load(f)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import traceback
 
 import pytest
@@ -20,6 +19,7 @@ import torch.multiprocessing as mp
 
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import ParallelMesh, init_mesh
+from tests.conftest import free_port
 
 DIMS = ("pp", "dp", "ring", "ulysses", "tp", "dp_sp")
 
@@ -81,11 +81,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
@@ -95,7 +90,7 @@ def seen(tmp_path_factory):
     def get(world: int) -> list[dict]:
         if world not in done:
             out = str(tmp_path_factory.mktemp(f"mesh{world}"))
-            mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
             ranks = []
             for rank in range(world):
                 with open(os.path.join(out, f"rank{rank}.json")) as f:

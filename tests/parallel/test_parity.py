@@ -22,7 +22,6 @@ variants of the block (q/k norms, q/k/v biases, tied and untied heads, yes/no an
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -36,7 +35,7 @@ from engine.parallel.data import gather_full_parameters
 from engine.parallel.layout import layout_from_config
 from engine.parallel.mesh import init_mesh
 from engine.train.trainer import Trainer
-from tests.conftest import synthetic_examples, write_jsonl
+from tests.conftest import free_port, synthetic_examples, write_jsonl
 
 STEPS = 3
 LR = 1e-3  # variants may lower it
@@ -162,11 +161,6 @@ def _worker(rank: int, world: int, port: int, data_dir: str, out_dir: str, jobs:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -196,7 +190,7 @@ def parallel_results(data_dir, tmp_path_factory):
     results = {}
     for world in LAYOUTS:
         out_dir = str(tmp_path_factory.mktemp(f"parity-{world}"))
-        mp.spawn(_worker, args=(world, _free_port(), data_dir, out_dir, jobs_for(world)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), data_dir, out_dir, jobs_for(world)), nprocs=world, join=True)
         results.update(torch.load(os.path.join(out_dir, "results.pt"), weights_only=True))
     return results
 

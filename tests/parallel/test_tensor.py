@@ -15,7 +15,6 @@ import datetime
 import functools
 import json
 import os
-import socket
 import traceback
 
 import pytest
@@ -25,6 +24,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from tests.conftest import free_port
 
 WORLD_SIZES = (2, 4)
 TOKENS = 8  # divisible by every tp here, so sequence-parallel slices are equal
@@ -269,7 +270,6 @@ def check_mlp_block(ctx: Ctx, rec: Record, sp: bool) -> None:
     """Norm, region entry, column and row layers (both with bias and LoRA) as the model chains them."""
     from engine.parallel.tensor import ColumnParallelLinear, ParallelRMSNorm, RegionEntry, RowParallelLinear
 
-    tp, r = ctx.tp, ctx.tp_rank
     ref = _MLPHalf(make_norm(16, seed=9), make_linear(16, 24, True, True, seed=10),
                    make_linear(24, 16, True, True, seed=11))
     par = _MLPHalf(
@@ -278,18 +278,7 @@ def check_mlp_block(ctx: Ctx, rec: Record, sp: bool) -> None:
         RowParallelLinear(ref.down, ctx.tp_mesh, sequence_parallel=sp),
         RegionEntry(ctx.group, sequence_parallel=sp),
     )
-    x, g = rand(TOKENS, 16, seed=12), rand(TOKENS, 16, seed=13)
-    x_ref = leaf(x)
-    y_ref = ref(x_ref)
-    (y_ref * g).sum().backward()
-
-    tokens = (lambda t: t.chunk(tp)[r]) if sp else (lambda t: t)
-    x_par = leaf(tokens(x))
-    y = par(x_par)
-    (y * tokens(g)).sum().backward()
-    rec.close("output", y, tokens(y_ref))
-    rec.close("input grad", x_par.grad, tokens(x_ref.grad))
-    rec.params(par, ref)
+    _compare_on_tokens(ctx, rec, par, ref, seed=12, split_tokens=sp)
 
 
 def check_head_slice(ctx: Ctx, rec: Record, num_kv_heads: int, bias: bool, lora: bool) -> None:
@@ -398,14 +387,20 @@ def check_norm(ctx: Ctx, rec: Record, sum_grads: bool) -> None:
     """sum_grads=True: each rank normalises its own tokens; False: all ranks the same tokens."""
     from engine.parallel.tensor import ParallelRMSNorm
 
-    tp, r = ctx.tp, ctx.tp_rank
     ref = make_norm(16, seed=27)
     par = ParallelRMSNorm(ref, ctx.tp_mesh, sum_grads=sum_grads)
-    x, g = rand(TOKENS, 16, seed=28), rand(TOKENS, 16, seed=29)
+    _compare_on_tokens(ctx, rec, par, ref, seed=28, split_tokens=sum_grads)
+
+
+def _compare_on_tokens(ctx: Ctx, rec: Record, par, ref, seed: int, split_tokens: bool) -> None:
+    """Forward and backward of ref on all tokens and of par on this rank's token slice
+    (split_tokens) or on all of them; outputs, input gradients and parameters must agree."""
+    tp, r = ctx.tp, ctx.tp_rank
+    x, g = rand(TOKENS, 16, seed=seed), rand(TOKENS, 16, seed=seed + 1)
     x_ref = leaf(x)
     y_ref = ref(x_ref)
     (y_ref * g).sum().backward()
-    tokens = (lambda t: t.chunk(tp)[r]) if sum_grads else (lambda t: t)
+    tokens = (lambda t: t.chunk(tp)[r]) if split_tokens else (lambda t: t)
     x_par = leaf(tokens(x))
     y = par(x_par)
     (y * tokens(g)).sum().backward()
@@ -635,11 +630,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             json.dump(results, f)
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_job(world: int, out_dir: str) -> list[dict]:
