@@ -96,7 +96,7 @@ def reduce_mean(value: float, mesh: ParallelMesh, dim: str = "dp") -> float:
     """The mean of a per-rank number over a mesh dimension (logged loss)."""
     if not mesh.distributed or mesh.submesh(dim).size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device(mesh))
     dist.all_reduce(t, group=mesh.group(dim))
     return float(t[0]) / mesh.submesh(dim).size()
 
@@ -104,9 +104,14 @@ def reduce_mean(value: float, mesh: ParallelMesh, dim: str = "dp") -> float:
 def reduce_sum(value: int, mesh: ParallelMesh, dim: str = "dp") -> int:
     if not mesh.distributed or mesh.submesh(dim).size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device(mesh))
     dist.all_reduce(t, group=mesh.group(dim))
     return int(t[0])
+
+
+def _collective_device(mesh: ParallelMesh) -> torch.device:
+    """Where a small tensor must live for the mesh's groups: nccl takes CUDA tensors only."""
+    return torch.device(mesh.device_mesh.device_type)
 
 
 class _QuietRedistribute(logging.Filter):
