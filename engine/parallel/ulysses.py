@@ -1,0 +1,112 @@
+"""Ulysses sequence parallelism: all-to-all between sequence shards and head shards.
+
+Each of U ranks holds T/U tokens (in rank order) with all heads. Before attention one
+all-to-all gives every rank all T tokens for H/U of the heads, so attention itself runs
+unchanged (varlen over the global cu_seqlens); after it, the inverse all-to-all returns each
+rank its own tokens with all heads. Each all-to-all moves (U-1)/U of the rank's tensor.
+
+    seq_to_heads:  (T/U, H, D) -> (T, H/U, D)        backward: heads_to_seq
+    heads_to_seq:  (T, H/U, D) -> (T/U, H, D)        backward: seq_to_heads
+
+KV heads fewer than U are repeated first (expand_kv_heads), so each rank gets whole KV heads;
+the repeat's backward sums the copies' gradients.
+
+Status: the building block and its tests (tests/parallel/test_ulysses.py). Training with
+parallel.ulysses > 1 (the token split of packed rows, pooling across shards, the gradient
+convention over dp x ulysses) is issue 4's remaining work; the launcher still refuses it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from kernels.attention import attention
+
+
+def _all_to_all(chunks: Tensor, group) -> Tensor:
+    """chunks (U, ...): chunk j goes to rank j; returns (U, ...) with chunk j from rank j."""
+    chunks = chunks.contiguous()
+    out = torch.empty_like(chunks)  # contiguous like its input: the collective writes memory order
+    dist.all_to_all_single(out, chunks, group=group)
+    return out
+
+
+def _seq_to_heads(x: Tensor, group) -> Tensor:
+    ranks = dist.get_world_size(group)
+    tokens, heads, dim = x.shape
+    if heads % ranks:
+        raise ValueError(f"Ulysses: {heads} heads do not split over {ranks} ranks")
+    chunks = x.reshape(tokens, ranks, heads // ranks, dim).transpose(0, 1)  # (U, T/U, H/U, D) by head group
+    return _all_to_all(chunks, group).reshape(tokens * ranks, heads // ranks, dim)  # rank order = token order
+
+
+def _heads_to_seq(x: Tensor, group) -> Tensor:
+    ranks = dist.get_world_size(group)
+    tokens, heads, dim = x.shape
+    if tokens % ranks:
+        raise ValueError(f"Ulysses: {tokens} tokens do not split over {ranks} ranks")
+    chunks = x.reshape(ranks, tokens // ranks, heads, dim)  # (U, T/U, H/U, D) by token shard
+    mine = _all_to_all(chunks, group)  # chunk j: head group j of this rank's tokens
+    return mine.transpose(0, 1).reshape(tokens // ranks, heads * ranks, dim)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+def seq_to_heads(x: Tensor, group) -> Tensor:
+    """(T/U, H, D) this rank's tokens, all heads -> (T, H/U, D) all tokens, this rank's heads."""
+    return _SeqToHeads.apply(x, group)
+
+
+def heads_to_seq(x: Tensor, group) -> Tensor:
+    """(T, H/U, D) all tokens, this rank's heads -> (T/U, H, D) this rank's tokens, all heads."""
+    return _HeadsToSeq.apply(x, group)
+
+
+def expand_kv_heads(kv: Tensor, ranks: int) -> Tensor:
+    """(T, Hkv, D) with Hkv < ranks: each KV head repeated ranks/Hkv times, in place of its
+    group, so rank r's query heads find their KV head on rank r. Unchanged when Hkv >= ranks."""
+    heads = kv.shape[1]
+    if heads >= ranks:
+        if heads % ranks:
+            raise ValueError(f"Ulysses: {heads} KV heads do not split over {ranks} ranks")
+        return kv
+    if ranks % heads:
+        raise ValueError(f"Ulysses: {heads} KV heads cannot be shared out evenly over {ranks} ranks")
+    return kv.repeat_interleave(ranks // heads, dim=1)
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
+                      group, scale: float | None = None) -> Tensor:
+    """Attention over the whole packed stream for tokens held in U shards.
+
+    q (T/U, Hq, D), k/v (T/U, Hkv, D): this rank's tokens; cu_seqlens/max_seqlen describe the
+    whole stream of T tokens. Returns (T/U, Hq, D), this rank's tokens.
+    """
+    ranks = dist.get_world_size(group)
+    q_heads = seq_to_heads(q, group)
+    k_heads = seq_to_heads(expand_kv_heads(k, ranks), group)
+    v_heads = seq_to_heads(expand_kv_heads(v, ranks), group)
+    out = attention(q_heads, k_heads, v_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                    causal=causal, scale=scale)
+    return heads_to_seq(out, group)
