@@ -115,7 +115,8 @@ def check_trainable_layout(cfg, layout: Layout, args) -> None:
     check_model_fits_layout(args, layout, seq_len)
     check_batch_fits_layout(cfg.train, layout)
     if layout.tp > 1 and cfg.lora.rank > 0:
-        others = sorted(set(cfg.lora.targets) - set(TENSOR_PARALLEL_PROJECTIONS))
+        # A target matches module names ending in it ("q_proj", "self_attn.q_proj", "layers.0.self_attn.q_proj").
+        others = sorted(t for t in cfg.lora.targets if t.rsplit(".", 1)[-1] not in TENSOR_PARALLEL_PROJECTIONS)
         if others:
             raise ConfigError(
                 f"lora.targets={list(cfg.lora.targets)}: with parallel.tp > 1 LoRA adapts only the block "

@@ -14,7 +14,7 @@ from typing import Callable
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from engine.model.lora import set_submodule
+from engine.model.lora import LoRALinear, set_submodule
 from engine.parallel.data import shard_data_parallel
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.tensor import (
@@ -89,6 +89,9 @@ def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel
     for name, module in list(task.named_modules()):
         if type(module) is nn.Linear:  # a task head on replicated (gathered) hidden states
             set_submodule(task, name, ReplicatedLinear(module, tp_mesh))
+    stray = [name for name, m in task.named_modules() if isinstance(m, LoRALinear)]
+    if stray:  # adapters tensor parallelism does not split (e.g. on lm_head) would be lost silently
+        raise TypeError(f"tensor parallelism splits LoRA only on the block projections, not on {', '.join(stray[:5])}")
     plain = [name for name, p in task.named_parameters() if not isinstance(p, DTensor)]
     if plain:
         raise TypeError(f"tensor parallelism left parameters without a tp layout: {', '.join(plain[:5])}")

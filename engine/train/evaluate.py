@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from engine.eval.retrieval import evaluate_embedding, evaluate_reranker
 from engine.inference import embed_tokens, score_tokens
@@ -21,10 +22,17 @@ def evaluate_task(task, text_encoder, examples, cfg, device: torch.device, autoc
             return embed_tokens(task, text_encoder.documents(texts), batch_size, device, autocast_dtype)
 
         return evaluate_embedding(encode_queries, encode_documents, examples, ks=ks, save_run=save_run,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size * _dp_size(task))
 
     def score_pairs(batch, documents):
         tokens = text_encoder.pairs([e.query for e in batch], documents, [e.prompt for e in batch])
         return score_tokens(task, tokens, batch_size, device, autocast_dtype)
 
-    return evaluate_reranker(score_pairs, examples, ks=ks, save_run=save_run, batch_size=batch_size)
+    return evaluate_reranker(score_pairs, examples, ks=ks, save_run=save_run, batch_size=batch_size * _dp_size(task))
+
+
+def _dp_size(task) -> int:
+    """Texts handed to the encoders per call: eval.batch_size for each data-parallel rank, which
+    share them out (engine.inference.run_packed), so each forward still holds eval.batch_size."""
+    group = getattr(task, "dp_group", None)
+    return 1 if group is None else dist.get_world_size(group)

@@ -152,6 +152,33 @@ def test_export_of_tp2_x_dp2_holds_the_single_process_weights(runs, tune):
         assert float((have - want).abs().max()) <= LR * STEPS, name  # at most ~one lr per AdamW step
 
 
+def test_export_of_a_model_folder_at_tp2_holds_the_single_process_weights(tmp_path, train_file):
+    """From model.path each rank reads only its slices, and the export is rebuilt on rank 0 from
+    a meta model filled with the gathered tensors; it must hold one process's weights."""
+    from engine.config import ModelConfig
+    from engine.data.byte_tokenizer import byte_tokenizer
+    from engine.model.args import ModelArgs
+    from engine.model.hf_io import save_pretrained
+    from engine.model.transformer import Transformer
+
+    folder = str(tmp_path / "model")
+    torch.manual_seed(5)
+    save_pretrained(Transformer(ModelArgs.from_model_config(ModelConfig(tie_word_embeddings=True))), folder)
+    byte_tokenizer().save_pretrained(folder)
+    exports = {}
+    for name, nproc, layout in (("single", 0, []), ("tp2", 2, ["parallel.tp=2"])):
+        run_dir = tmp_path / name
+        result = launch(nproc, *TINY, f"data.train={train_file}", f"model.path={folder}", "lora.rank=4",
+                        f"train.output_dir={run_dir}", f"export.output_dir={run_dir}-export", *layout)
+        assert result.returncode == 0, result.stderr[-3000:]
+        exports[name] = read_safetensors(f"{run_dir}-export")
+    assert sorted(exports["tp2"]) == sorted(exports["single"])
+    for name, want in exports["single"].items():
+        have = exports["tp2"][name]
+        assert have.shape == want.shape and have.dtype == want.dtype, name
+        assert float((have - want).norm() / want.norm()) <= 1e-5, name
+
+
 # ---- invalid layouts: one line, before anything starts ------------------------------------
 # (WORLD_SIZE, overrides, fragments the message must contain). Each case breaks only the rule named.
 INVALID = {
@@ -171,6 +198,8 @@ INVALID = {
     "pp": ("2", ["parallel.pp=2"], ["parallel.pp=2: training with pp > 1 is not available"]),
     "ulysses": ("2", ["parallel.ulysses=2"], ["parallel.ulysses=2: training with ulysses > 1 is not available"]),
     "ring": ("2", ["parallel.ring=2"], ["parallel.ring=2: training with ring > 1 is not available"]),
+    "lora-target": ("2", ["parallel.tp=2", "lora.rank=4", "lora.targets=[self_attn.q_proj,lm_head]"],
+                    ["LoRA adapts only the block projections", "not lm_head"]),
 }
 
 
