@@ -40,7 +40,6 @@ class ModelConfig:
     # Behaviour
     causal: bool = True  # false = bidirectional attention (some embedding recipes)
     attn_backend: str = "auto"  # auto | torch (the kernels dispatcher picks Triton/flash on GPU later)
-    gradient_checkpointing: bool = False  # recompute each block in backward
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
 
 
@@ -118,6 +117,9 @@ class TrainConfig:
     log_every: int = 1
     resume: str = ""  # "" = fresh | auto = newest complete checkpoint in output_dir | a checkpoint folder
     dry_run: bool = False  # build on meta, validate, print sizes and memory; allocate nothing
+    # Activation recomputation in backward: none | selective (the attention core of each block)
+    # | full (each block, keeping only its input). Never changes results.
+    recompute: str = "none"
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
@@ -181,6 +183,7 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     _one_of("data.on_error", d.on_error, ("fail", "skip"))
     _one_of("train.schedule", tr.schedule, ("cosine", "linear", "constant"))
     _one_of("train.device", tr.device, ("auto", "cpu", "cuda"))
+    _one_of("train.recompute", tr.recompute, ("none", "selective", "full"))
     _one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("model.family", m.family, ("llama", "qwen2", "qwen3", "mistral"))
     _one_of("export.dtype", cfg.export.dtype, ("float32", "bfloat16", "float16"))

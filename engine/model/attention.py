@@ -6,7 +6,9 @@ backend, and grouped-query heads (num_kv_heads < num_heads) are passed as they a
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.model.args import ModelArgs
 from engine.model.norm import RMSNorm
@@ -19,6 +21,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.causal = args.causal
+        self.recompute_core = False  # Transformer.set_recompute("selective")
         h = args.hidden_size
         self.q_proj = nn.Linear(h, args.q_size, bias=args.attention_bias)
         self.k_proj = nn.Linear(h, args.kv_size, bias=args.attention_bias)
@@ -36,5 +39,11 @@ class SelfAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=self.causal)
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
+        else:
+            out = self._core(q, k, v, cu_seqlens, max_seqlen)
         return self.o_proj(out.reshape(tokens, -1))  # (T, Hq * D) -> (T, hidden)
+
+    def _core(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        return attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=self.causal)

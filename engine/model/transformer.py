@@ -61,7 +61,7 @@ class Transformer(nn.Module):
         self.model = Decoder(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
-        self.gradient_checkpointing = False
+        self.recompute = "none"  # set_recompute(): none | selective | full
         # Sequence parallelism splits the token stream evenly over ranks: the stream is padded
         # to this multiple, and the final hidden states are gathered back by output_gather.
         self.sequence_pad_multiple = 1
@@ -97,6 +97,15 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation in backward: none; selective = each block's attention core
+        (q, k, v in, output out); full = each whole block (only its input is kept)."""
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"recompute={mode!r} is not one of none, selective, full")
+        self.recompute = mode
+        for layer in self.model.layers:
+            layer.self_attn.recompute_core = mode == "selective"
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
@@ -147,7 +156,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (T, hidden), or this rank's slice of T
         cos, sin = self.rotary(position_ids, x.dtype)  # (T, head_dim) each
         for layer in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.recompute == "full" and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)

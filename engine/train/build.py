@@ -81,7 +81,6 @@ def build_backbone(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, s
         torch.manual_seed(seed)
         model = Transformer(model_args(cfg))  # initialised in the constructor, from this seed
         model.to(device=device, dtype=dtype)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
 
 
@@ -99,6 +98,7 @@ def build_task_model(cfg: RunConfig, device: torch.device, tokenizer, meta_backb
         backbone = meta_backbone_from(cfg.model, dtype)
     else:
         backbone = build_backbone(cfg.model, device, dtype, cfg.train.seed)
+    backbone.set_recompute(cfg.train.recompute)
     if cfg.lora.rank > 0:
         # Seeded so that the LoRA A matrices are the same for every run with this seed.
         torch.manual_seed(cfg.train.seed + 1)
@@ -116,5 +116,4 @@ def meta_backbone_from(cfg: ModelConfig, dtype: torch.dtype):
 
     select_attention_backend(cfg.attn_backend)
     backbone = meta_model(cfg.path, causal=cfg.causal).to(dtype=dtype)
-    backbone.gradient_checkpointing = cfg.gradient_checkpointing
     return backbone

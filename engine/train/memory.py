@@ -74,7 +74,9 @@ def plan_memory(cfg, args, total_params: int, layout) -> MemoryPlan:
     # (norms and dropouts then hold full activations on every tp rank).
     per_token = 34 / layout.tp if cfg.parallel.sequence_parallel or layout.tp == 1 else 10 + 24 / layout.tp
     full_layer = per_token * tokens_per_rank * h
-    if cfg.model.gradient_checkpointing:
+    # Selective recomputation frees the attention core's own activations, which the fused
+    # varlen kernels assumed here never hold beyond q, k, v, the output and the LSE.
+    if cfg.train.recompute == "full":
         activations = layers_per_stage * 2 * tokens_per_rank * h + full_layer
     else:
         activations = layers_per_stage * full_layer

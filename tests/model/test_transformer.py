@@ -123,7 +123,9 @@ def test_lm_head_rows_are_the_logit_columns():
     torch.testing.assert_close(hidden @ rows.T, full[:, [17, 3]], atol=1e-6, rtol=0)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("mode, expected_checkpoints", [("full", 2), ("selective", 2)])
+def test_recomputation_gives_the_same_gradients(monkeypatch, mode, expected_checkpoints):
+    import engine.model.attention as attention_module
     import engine.model.transformer as transformer_module
 
     checkpointed = []
@@ -134,19 +136,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         return real_checkpoint(fn, *args, **kwargs)
 
     monkeypatch.setattr(transformer_module, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(attention_module, "checkpoint", counting_checkpoint)
     seqs = random_token_lists([5, 9, 3], seed=4)
     packed = PackedSequences.from_token_lists(seqs)
 
-    def grads(checkpointing: bool):
+    def grads(recompute: str):
         model = tiny_model(seed=2)
-        model.gradient_checkpointing = checkpointing
+        model.set_recompute(recompute)
         hidden = model(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
         loss = (hidden * torch.linspace(-1, 1, hidden.numel()).view_as(hidden)).sum()
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain, recomputed = grads(False), grads(True)
-    assert checkpointed == [False, False]  # one non-reentrant checkpoint per block, only when asked
+    plain, recomputed = grads("none"), grads(mode)
+    # one non-reentrant checkpoint per block (full) or per attention core (selective), only when asked
+    assert checkpointed == [False] * expected_checkpoints
     assert plain.keys() == recomputed.keys()
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0, msg=name)

@@ -28,7 +28,7 @@ def test_reranker_70b_plan_matches_hand_computed_terms():
 
 
 def test_without_sequence_parallelism_norm_activations_are_not_split():
-    cfg, _ = compose(["+exp=reranker_qwen3_8b", "model.gradient_checkpointing=false",
+    cfg, _ = compose(["+exp=reranker_qwen3_8b", "train.recompute=none",
                       "parallel.sequence_parallel=false"])
     args = model_args(cfg.model)
     layout = Layout(tp=4, dp=2)
