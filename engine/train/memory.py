@@ -3,8 +3,8 @@
 Estimates, not measurements. Activation memory per transformer layer follows Korthikanti et
 al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"): about 34*s*b*h bytes
 in 16-bit with flash attention (no s^2 term), divided by tp under Megatron sequence
-parallelism (s*b*h*(10 + 24/tp) without it) and by ulysses*ring under context parallelism. Activation checkpointing keeps only
-each layer's 2-byte input plus one layer being recomputed.
+parallelism (s*b*h*(10 + 24/tp) without it) and by ulysses*ring under context parallelism.
+train.recompute=full keeps only each layer's 2-byte input plus one layer being recomputed.
 """
 from __future__ import annotations
 
