@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import compose  # noqa: E402
 from engine.config import validate  # noqa: E402
-from engine.parallel import data as parallel_data  # noqa: E402
+from engine.parallel import collectives as parallel_collectives  # noqa: E402
 from engine.parallel import tensor as parallel_tensor  # noqa: E402
 from engine.parallel.layout import layout_from_config  # noqa: E402
 from engine.parallel.mesh import init_mesh  # noqa: E402
@@ -81,8 +81,7 @@ FACTOR = {
     "broadcast": lambda n: 1.0,
 }
 # The region maps (autograd functions) whose forward and backward issue the model's collectives.
-REGION_MAPS = [parallel_tensor._CopyToTP, parallel_tensor._ReduceFromTP, parallel_tensor._GatherFromSP,
-               parallel_tensor._ReduceScatterToSP, parallel_data._AllGatherWithGrad]
+REGION_MAPS = [parallel_collectives._Mapped]  # copy_to_tp, gather_from_sp, ..., all_gather_with_grad
 LAYER = re.compile(r"\.layers\.(\d+)(\.|$)")
 
 

@@ -1,6 +1,7 @@
 """Data parallelism: gradient averaging and optimizer-state sharding over dp x ring x ulysses
-(FSDP2), the global-norm gradient clip, cross-rank gathering of embeddings, and gathering
-sharded parameters back into whole tensors for export.
+(FSDP2), the global-norm gradient clip, reductions of logged numbers, and gathering sharded
+parameters back into whole tensors for export. (The cross-rank gather of embeddings is
+collectives.all_gather_with_grad.)
 
 Conventions (the numbers equal those of one process on the global batch):
 - every dp rank's loss is the mean over its own queries; FSDP2 averages gradients over
@@ -20,7 +21,6 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from engine.parallel.mesh import ParallelMesh
-from engine.parallel.tensor import all_gather_rows, reduce_scatter_rows
 
 
 def shard_data_parallel(task: nn.Module, mesh: ParallelMesh) -> None:
@@ -37,22 +37,6 @@ def shard_data_parallel(task: nn.Module, mesh: ParallelMesh) -> None:
     # Training and evaluation run the task through encode_tower, not forward(): FSDP must
     # gather the root's parameters (embedding, final norm, heads) around it.
     register_fsdp_forward_method(task, "encode_tower")
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return all_gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return reduce_scatter_rows(grad, ctx.group), None  # the sum of every rank's use of this slice
-
-
-def all_gather_with_grad(x: Tensor, group) -> Tensor:
-    """(n, ...) on each of k ranks -> (k*n, ...) in rank order; equal n on every rank."""
-    return _AllGatherWithGrad.apply(x, group)
 
 
 def _square_sum_counted_once(grad: Tensor) -> Tensor:
@@ -94,19 +78,23 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, mesh: ParallelMe
 
 def reduce_mean(value: float, mesh: ParallelMesh, dim: str = "dp") -> float:
     """The mean of a per-rank number over a mesh dimension (logged loss)."""
-    if not mesh.distributed or mesh.submesh(dim).size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device(mesh))
-    dist.all_reduce(t, group=mesh.group(dim))
-    return float(t[0]) / mesh.submesh(dim).size()
+    return float(_sum_over(value, torch.float64, mesh, dim)) / _size(mesh, dim)
 
 
 def reduce_sum(value: int, mesh: ParallelMesh, dim: str = "dp") -> int:
-    if not mesh.distributed or mesh.submesh(dim).size() == 1:
+    return int(_sum_over(value, torch.int64, mesh, dim))
+
+
+def _size(mesh: ParallelMesh, dim: str) -> int:
+    return mesh.submesh(dim).size() if mesh.distributed else 1
+
+
+def _sum_over(value, dtype: torch.dtype, mesh: ParallelMesh, dim: str):
+    if _size(mesh, dim) == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=_collective_device(mesh))
+    t = torch.tensor([value], dtype=dtype, device=_collective_device(mesh))
     dist.all_reduce(t, group=mesh.group(dim))
-    return int(t[0])
+    return t[0].item()
 
 
 def _collective_device(mesh: ParallelMesh) -> torch.device:

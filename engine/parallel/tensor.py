@@ -1,6 +1,7 @@
 """Megatron tensor parallelism on torch.distributed: region maps and parallel layers.
 
-Region maps (autograd functions over the tp group; "f" and "g" in the Megatron paper):
+Region maps (differentiable collectives over the tp group, built with collectives.mapped;
+"f" and "g" in the Megatron paper):
 
     map                         forward                     backward
     copy_to_tp                  identity                    all-reduce
@@ -31,6 +32,8 @@ Layers (all keep the parameter names weight / bias / lora_A / lora_B):
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,6 +42,15 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from engine.model.lora import LoRALinear
 from engine.model.norm import RMSNorm
+from engine.parallel.collectives import (
+    all_gather_rows,
+    all_gather_with_grad,
+    all_reduce_copy,
+    identity,
+    mapped,
+    own_rows,
+    reduce_scatter_rows,
+)
 
 
 def local(tensor: Tensor | None) -> Tensor | None:
@@ -46,104 +58,29 @@ def local(tensor: Tensor | None) -> Tensor | None:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-# ---- collectives -------------------------------------------------------------------------------
-
-
-def _all_reduce(x: Tensor, group) -> Tensor:
-    x = x.clone()
-    dist.all_reduce(x, group=group)
-    return x
-
-
-def all_gather_rows(x: Tensor, group) -> Tensor:
-    """(n, ...) on each rank -> (ranks * n, ...) in rank order (tokens here; embeddings in data.py)."""
-    size = dist.get_world_size(group)
-    out = x.new_empty((x.shape[0] * size, *x.shape[1:]))
-    dist.all_gather_single(out, x.contiguous(), group=group)
-    return out
-
-
-def reduce_scatter_rows(x: Tensor, group) -> Tensor:
-    """(ranks * n, ...) on each rank -> this rank's n rows of the sum over ranks."""
-    size = dist.get_world_size(group)
-    if x.shape[0] % size:
-        raise ValueError(f"reduce-scatter of {x.shape[0]} rows over {size} ranks: not divisible")
-    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
-    dist.reduce_scatter_single(out, x.contiguous(), group=group)
-    return out
-
-
-def _own_slice(x: Tensor, group) -> Tensor:
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    return x.chunk(size)[rank].contiguous()
-
-
 # ---- region maps -------------------------------------------------------------------------------
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, grad_mode):
-        ctx.group, ctx.grad_mode = group, grad_mode
-        return all_gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.grad_mode == "split":
-            return _own_slice(grad, ctx.group), None, None
-        return reduce_scatter_rows(grad, ctx.group), None, None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_rows(grad, ctx.group), None
-
-
 def copy_to_tp(x: Tensor, group) -> Tensor:
-    return _CopyToTP.apply(x, group)
+    return mapped(x, identity, partial(all_reduce_copy, group=group))
 
 
 def reduce_from_tp(x: Tensor, group) -> Tensor:
-    return _ReduceFromTP.apply(x, group)
+    return mapped(x, partial(all_reduce_copy, group=group), identity)
 
 
 def gather_from_sp(x: Tensor, group, grad: str = "reduce_scatter") -> Tensor:
     """grad="reduce_scatter" when tp-split layers consume the result (their input gradients
     are partial), "split" when every rank computes the same thing from it (a replicated loss)."""
-    if grad not in ("reduce_scatter", "split"):
-        raise ValueError(f"gather_from_sp: grad={grad!r} is not reduce_scatter or split")
-    return _GatherFromSP.apply(x, group, grad)
+    if grad == "reduce_scatter":
+        return all_gather_with_grad(x, group)
+    if grad == "split":
+        return mapped(x, partial(all_gather_rows, group=group), partial(own_rows, group=group))
+    raise ValueError(f"gather_from_sp: grad={grad!r} is not reduce_scatter or split")
 
 
 def reduce_scatter_to_sp(x: Tensor, group) -> Tensor:
-    return _ReduceScatterToSP.apply(x, group)
+    return mapped(x, partial(reduce_scatter_rows, group=group), partial(all_gather_rows, group=group))
 
 
 class RegionEntry(nn.Module):

@@ -17,19 +17,13 @@ convention over dp x ulysses) is issue 4's remaining work; the launcher still re
 """
 from __future__ import annotations
 
-import torch
+from functools import partial
+
 import torch.distributed as dist
 from torch import Tensor
 
+from engine.parallel.collectives import all_to_all_chunks, mapped
 from kernels.attention import attention
-
-
-def _all_to_all(chunks: Tensor, group) -> Tensor:
-    """chunks (U, ...): chunk j goes to rank j; returns (U, ...) with chunk j from rank j."""
-    chunks = chunks.contiguous()
-    out = torch.empty_like(chunks)  # contiguous like its input: the collective writes memory order
-    dist.all_to_all_single(out, chunks, group=group)
-    return out
 
 
 def _seq_to_heads(x: Tensor, group) -> Tensor:
@@ -38,7 +32,7 @@ def _seq_to_heads(x: Tensor, group) -> Tensor:
     if heads % ranks:
         raise ValueError(f"Ulysses: {heads} heads do not split over {ranks} ranks")
     chunks = x.reshape(tokens, ranks, heads // ranks, dim).transpose(0, 1)  # (U, T/U, H/U, D) by head group
-    return _all_to_all(chunks, group).reshape(tokens * ranks, heads // ranks, dim)  # rank order = token order
+    return all_to_all_chunks(chunks, group).reshape(tokens * ranks, heads // ranks, dim)  # rank order = token order
 
 
 def _heads_to_seq(x: Tensor, group) -> Tensor:
@@ -47,40 +41,18 @@ def _heads_to_seq(x: Tensor, group) -> Tensor:
     if tokens % ranks:
         raise ValueError(f"Ulysses: {tokens} tokens do not split over {ranks} ranks")
     chunks = x.reshape(ranks, tokens // ranks, heads, dim)  # (U, T/U, H/U, D) by token shard
-    mine = _all_to_all(chunks, group)  # chunk j: head group j of this rank's tokens
+    mine = all_to_all_chunks(chunks, group)  # chunk j: head group j of this rank's tokens
     return mine.transpose(0, 1).reshape(tokens // ranks, heads * ranks, dim)
-
-
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
 
 
 def seq_to_heads(x: Tensor, group) -> Tensor:
     """(T/U, H, D) this rank's tokens, all heads -> (T, H/U, D) all tokens, this rank's heads."""
-    return _SeqToHeads.apply(x, group)
+    return mapped(x, partial(_seq_to_heads, group=group), partial(_heads_to_seq, group=group))
 
 
 def heads_to_seq(x: Tensor, group) -> Tensor:
     """(T, H/U, D) all tokens, this rank's heads -> (T/U, H, D) this rank's tokens, all heads."""
-    return _HeadsToSeq.apply(x, group)
+    return mapped(x, partial(_heads_to_seq, group=group), partial(_seq_to_heads, group=group))
 
 
 def expand_kv_heads(kv: Tensor, ranks: int) -> Tensor:

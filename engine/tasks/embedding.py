@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from engine.data.batch import EmbeddingBatch, PackedSequences
 from engine.losses import info_nce
-from engine.parallel.data import all_gather_with_grad
+from engine.parallel.collectives import all_gather_with_grad
 from engine.tasks.pooling import pool
 
 

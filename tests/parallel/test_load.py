@@ -79,3 +79,16 @@ def test_sliced_loading_equals_slicing_the_whole_model(tmp_path, tie):
         assert result["names_equal"] and result["count"] > 10
         assert result["mismatched"] == [], f"rank {rank}: {result['mismatched']}"
         assert result["tied"] == tie
+
+
+def test_a_tensor_the_folder_lacks_is_named(tmp_path):
+    from engine.model.args import ModelArgs
+    from engine.model.hf_io import CheckpointError, CheckpointSlices, read_hf_config
+
+    folder = str(tmp_path / "model")
+    _write_model(folder, tie=True)
+    slices = CheckpointSlices(folder, ModelArgs.from_hf_config(read_hf_config(folder)))
+    assert slices.read("model.norm.weight").shape == (64,)
+    assert slices.read("model.embed_tokens.weight", (slice(0, 3),)).shape == (3, 64)  # only those rows
+    with pytest.raises(CheckpointError, match="no weights for model.layers.9.mlp.up_proj.weight"):
+        slices.read("model.layers.9.mlp.up_proj.weight")

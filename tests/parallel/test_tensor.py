@@ -414,7 +414,7 @@ def _compare_on_tokens(ctx: Ctx, rec: Record, par, ref, seed: int, split_tokens:
 
 def check_all_gather_with_grad(ctx: Ctx, rec: Record) -> None:
     """Over the dp group: forward concatenates in dp-rank order; backward sums every rank's use."""
-    from engine.parallel.data import all_gather_with_grad
+    from engine.parallel.collectives import all_gather_with_grad
 
     mesh = ctx.dp_mesh
     dp, d = mesh.dp, mesh.dp_rank
@@ -513,7 +513,8 @@ def check_reduce_mean_sum(ctx: Ctx, rec: Record) -> None:
 def check_row_lora_dropout(ctx: Ctx, rec: Record) -> None:
     """Row-parallel LoRA dropout: the ranks' masks are the slices of one mask over all input
     features (the one a single process draws from the same seed), not one pattern repeated."""
-    from engine.parallel.tensor import RowParallelLinear, all_gather_rows
+    from engine.parallel.collectives import all_gather_rows
+    from engine.parallel.tensor import RowParallelLinear
 
     tp, r = ctx.tp, ctx.tp_rank
     ref = make_linear(24, 16, bias=False, lora=True, seed=6)
