@@ -21,7 +21,6 @@ import shutil
 import warnings
 from contextlib import contextmanager
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -61,11 +60,9 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: di
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier(mesh)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
-    state = {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    # No RNG state: dropout is reseeded from (seed, step, dp rank) every step (Trainer.train_step).
     with _single_process_quiet():
-        dcp.save(state, checkpoint_id=tmp)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     _barrier(mesh)
     if lead:
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
@@ -119,16 +116,14 @@ def read_trainer_state(path: str) -> dict:
 
 
 def load_checkpoint(path: str, model, optimizer=None) -> dict:
-    """Restore trainable parameters (and optimizer and RNG when given) in place; return trainer state."""
+    """Restore trainable parameters (and the optimizer when given) in place; return trainer state."""
     if not is_complete(path):
         raise ValueError(f"train.resume={path}: not a complete checkpoint folder (step_XXXXXXXX with {STATE_FILE})")
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
-        state = {"model": model_sd, "optim": optim_sd, "rng": {"cpu": torch.get_rng_state()}}
+        state = {"model": model_sd, "optim": optim_sd}
     else:
         state = {"model": get_state_dict(model, [], options=_options())[0]}
-    if torch.cuda.is_available() and optimizer is not None and _has_key(path, "rng.cuda"):
-        state["rng"]["cuda"] = torch.cuda.get_rng_state()  # absent when the checkpoint was saved on CPU
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path)
     set_state_dict(
@@ -136,16 +131,7 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
         model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
         options=_options(strict=False),
     )
-    if optimizer is not None:
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
     return read_trainer_state(path)
-
-
-def _has_key(path: str, key: str) -> bool:
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    return any(name == key or name.startswith(key + ".") for name in metadata.state_dict_metadata)
 
 
 def resolve_resume(resume: str, run_dir: str) -> str | None:
