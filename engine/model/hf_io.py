@@ -46,9 +46,8 @@ def load_pretrained(
     path: str, *, causal: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Transformer:
     """A Transformer with the weights of the Hugging Face folder `path`."""
-    args = ModelArgs.from_hf_config(read_hf_config(path), causal=causal)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(path, causal=causal)
+    args = model.args
     state = _normalise_keys(read_safetensors(path, dtype=dtype, device=device), args, path)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -193,11 +192,20 @@ class CheckpointSlices:
     def names(self) -> list[str]:
         return list(self.key_of)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._check(name)
+        key = self.key_of[name]
+        with safe_open(self.file_of[key], framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def _check(self, name: str) -> None:
+        if name not in self.key_of:
+            raise CheckpointError(f"{self.path}: no weights for {name}")
+
     def read(self, name: str, index: tuple[slice, ...] = (), dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> Tensor:
         """Tensor `name` (a *ForCausalLM parameter name), or the part `index` of it."""
-        if name not in self.key_of:
-            raise CheckpointError(f"{self.path}: no weights for {name}")
+        self._check(name)
         key = self.key_of[name]
         with safe_open(self.file_of[key], framework="pt") as f:
             tensor = f.get_slice(key)[index] if index else f.get_tensor(key)

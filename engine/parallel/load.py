@@ -39,7 +39,7 @@ def _filled(param: nn.Parameter, tensor: torch.Tensor) -> nn.Parameter:
 
 @torch.no_grad()
 def fill_meta_parameters(model: nn.Module, read: Callable[[str, nn.Parameter], torch.Tensor],
-                         prefix: str = "") -> int:
+                         prefix: str = "", source: str = "the gathered state") -> int:
     """Replace every meta-device parameter named `prefix...` by read(name without prefix, param);
     returns how many tensors were read. Tied parameters stay one object."""
     names = {id(p): name for name, p in model.named_parameters() if name.startswith(prefix)}
@@ -53,16 +53,24 @@ def fill_meta_parameters(model: nn.Module, read: Callable[[str, nn.Parameter], t
             setattr(module, attr, replaced[id(param)])
     still_meta = [name for name, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise CheckpointError(f"no weights were loaded for {', '.join(still_meta[:5])}")
+        raise CheckpointError(f"{source}: no weights were loaded for {', '.join(still_meta[:5])}")
     return len(replaced)
 
 
 def load_local_shards(task: nn.Module, slices: CheckpointSlices, dtype: torch.dtype,
                       device: torch.device, prefix: str = "backbone.") -> int:
-    """Fill a meta backbone with this rank's slices of the checkpoint `slices` reads."""
-    try:
-        return fill_meta_parameters(
-            task, lambda name, param: slices.read(name, _local_index(param), dtype=dtype, device=device), prefix
-        )
-    except CheckpointError as err:
-        raise CheckpointError(f"{slices.path}: {err}") from None
+    """Fill a meta backbone with this rank's slices of the checkpoint `slices` reads, after the
+    same architecture checks as a whole load (engine.model.hf_io.load_pretrained)."""
+    expected = {name.removeprefix(prefix) for name, _ in task.named_parameters() if name.startswith(prefix)}
+    unexpected = sorted(set(slices.names()) - expected)
+    if unexpected:
+        raise CheckpointError(f"{slices.path}: weights do not match the architecture in config.json: "
+                              f"unexpected {', '.join(unexpected[:5])}")
+
+    def read(name: str, param: nn.Parameter) -> torch.Tensor:
+        if slices.shape(name) != tuple(param.shape):
+            raise CheckpointError(f"{slices.path}: {name} has shape {list(slices.shape(name))} but config.json "
+                                  f"makes it {list(param.shape)}")
+        return slices.read(name, _local_index(param), dtype=dtype, device=device)
+
+    return fill_meta_parameters(task, read, prefix, source=slices.path)

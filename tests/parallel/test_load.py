@@ -92,3 +92,29 @@ def test_a_tensor_the_folder_lacks_is_named(tmp_path):
     assert slices.read("model.embed_tokens.weight", (slice(0, 3),)).shape == (3, 64)  # only those rows
     with pytest.raises(CheckpointError, match="no weights for model.layers.9.mlp.up_proj.weight"):
         slices.read("model.layers.9.mlp.up_proj.weight")
+
+
+def test_a_folder_that_disagrees_with_its_config_is_refused(tmp_path):
+    """The sliced load checks shapes and stray tensors as the whole load does."""
+    from engine.data.byte_tokenizer import byte_tokenizer
+    from engine.model.hf_io import CheckpointError, CheckpointSlices
+    from engine.parallel.load import load_local_shards
+    from engine.train.build import build_task_model
+
+    folder = str(tmp_path / "model")
+    _write_model(folder, tie=True)
+    config_path = os.path.join(folder, "config.json")
+    config = json.load(open(config_path))
+    config["intermediate_size"] = 2 * config["intermediate_size"]
+    json.dump(config, open(config_path, "w"))
+    cfg, _ = compose([f"model.path={folder}"])
+    task = build_task_model(cfg, torch.device("cpu"), byte_tokenizer(), meta_backbone=True)
+    with pytest.raises(CheckpointError, match=r"mlp\.(gate|up|down)_proj\.weight has shape .* config\.json makes it"):
+        load_local_shards(task, CheckpointSlices(folder, task.backbone.args), torch.float32, torch.device("cpu"))
+
+    config["intermediate_size"] //= 2
+    config["num_hidden_layers"] = 1  # the folder holds a second layer the config no longer has
+    json.dump(config, open(config_path, "w"))
+    task = build_task_model(compose([f"model.path={folder}"])[0], torch.device("cpu"), byte_tokenizer(), meta_backbone=True)
+    with pytest.raises(CheckpointError, match=r"unexpected model\.layers\.1\."):
+        load_local_shards(task, CheckpointSlices(folder, task.backbone.args), torch.float32, torch.device("cpu"))
