@@ -100,7 +100,7 @@ class Embedder:
     def encode(self, texts: list[str] | str, batch_size: int = 32, is_query: bool = False,
                instruction: str | None = None) -> np.ndarray:
         """Embed documents (default) or queries (is_query=True: the instruction template applies)."""
-        from engine.inference import embed_tokens
+        from engine.inference import encode_tokens
 
         if isinstance(texts, str):
             texts = [texts]
@@ -108,7 +108,7 @@ class Embedder:
             tokens = self.text_encoder.queries(list(texts), [instruction] * len(texts))
         else:
             tokens = self.text_encoder.documents(list(texts))
-        return embed_tokens(self.task, tokens, batch_size, self.device).numpy()
+        return encode_tokens(self.task, tokens, batch_size, self.device).numpy()
 
 
 class Reranker:
@@ -121,7 +121,7 @@ class Reranker:
 
     def score(self, query: str, documents: list[str], batch_size: int = 16,
               instruction: str | None = None) -> list[float]:
-        from engine.inference import score_tokens
+        from engine.inference import encode_tokens
 
         tokens = self.text_encoder.pairs([query] * len(documents), list(documents), [instruction] * len(documents))
-        return score_tokens(self.task, tokens, batch_size, self.device).tolist()
+        return encode_tokens(self.task, tokens, batch_size, self.device).tolist()

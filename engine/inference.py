@@ -67,23 +67,15 @@ def run_packed(forward, token_lists: list[list[int]], batch_size: int, device: t
     return torch.stack(results)
 
 
-def _in_eval_mode(task, forward, token_lists, batch_size, device, autocast_dtype) -> Tensor:
-    """Dropout off for the pass, then the task's previous mode back (evaluation runs mid-training)."""
+def encode_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
+    """Every text through the task's encode_tower: (num_texts, hidden) embeddings from an
+    EmbeddingTask, (num_texts,) scores from a RerankerTask. Dropout is off for the pass, and
+    the task's mode is restored afterwards (evaluation runs mid-training). encode_tower, not
+    embed/scores: it is the method a data-parallel (FSDP) model registers as a forward."""
     was_training = task.training
     task.eval()
     try:
-        return run_packed(forward, token_lists, batch_size, device, autocast_dtype,
+        return run_packed(task.encode_tower, token_lists, batch_size, device, autocast_dtype,
                           dp_group=getattr(task, "dp_group", None))
     finally:
         task.train(was_training)
-
-
-def embed_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
-    """(num_texts, hidden) embeddings from an EmbeddingTask."""
-    # encode_tower, not embed: it is the method a data-parallel (FSDP) model registers as a forward.
-    return _in_eval_mode(task, task.encode_tower, token_lists, batch_size, device, autocast_dtype)
-
-
-def score_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
-    """(num_texts,) scores from a RerankerTask."""
-    return _in_eval_mode(task, task.encode_tower, token_lists, batch_size, device, autocast_dtype)

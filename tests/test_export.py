@@ -22,11 +22,11 @@ def trained_checkpoint(tmp_path, tiny_data, *overrides):
 
 
 def engine_embeddings(trainer, texts, is_query):
-    from engine.inference import embed_tokens
+    from engine.inference import encode_tokens
 
     enc = trainer.text_encoder
     tokens = enc.queries(texts, [None] * len(texts)) if is_query else enc.documents(texts)
-    return embed_tokens(trainer.model, tokens, 8, torch.device("cpu")).numpy()
+    return encode_tokens(trainer.model, tokens, 8, torch.device("cpu")).numpy()
 
 
 def cosine(a, b):
@@ -71,10 +71,10 @@ def test_yes_no_reranker_export_is_a_causal_lm_that_scores_the_same(tmp_path, ti
             logits = hf(torch.tensor([ids])).logits[0, -1]
         assert abs(float(logits[yes] - logits[no]) - score) < 1e-4
     # ... and the engine's own (unmerged LoRA) model agrees with the export.
-    from engine.inference import score_tokens
+    from engine.inference import encode_tokens
 
     tokens = trainer.text_encoder.pairs([QUERIES[0]] * len(DOCS), DOCS, [None] * len(DOCS))
-    torch.testing.assert_close(score_tokens(trainer.model, tokens, 8, torch.device("cpu")),
+    torch.testing.assert_close(encode_tokens(trainer.model, tokens, 8, torch.device("cpu")),
                                torch.tensor(scores), rtol=1e-4, atol=1e-4)
 
 

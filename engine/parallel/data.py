@@ -63,7 +63,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, mesh: ParallelMe
     if not mesh.distributed:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device(mesh.device_mesh.device_type)
+    device = grads[0].device if grads else _collective_device(mesh)
     total = torch.zeros((), device=device, dtype=torch.float64)
     for grad in grads:
         total += _square_sum_counted_once(grad).double()

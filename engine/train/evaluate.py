@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from engine.eval.retrieval import evaluate_embedding, evaluate_reranker
-from engine.inference import embed_tokens, score_tokens
+from engine.inference import encode_tokens
 
 
 def evaluate_task(task, text_encoder, examples, cfg, device: torch.device, autocast_dtype=None,
@@ -16,17 +16,17 @@ def evaluate_task(task, text_encoder, examples, cfg, device: torch.device, autoc
     if cfg.task.type == "embedding":
         def encode_queries(batch):
             tokens = text_encoder.queries([e.query for e in batch], [e.prompt for e in batch])
-            return embed_tokens(task, tokens, batch_size, device, autocast_dtype)
+            return encode_tokens(task, tokens, batch_size, device, autocast_dtype)
 
         def encode_documents(texts):
-            return embed_tokens(task, text_encoder.documents(texts), batch_size, device, autocast_dtype)
+            return encode_tokens(task, text_encoder.documents(texts), batch_size, device, autocast_dtype)
 
         return evaluate_embedding(encode_queries, encode_documents, examples, ks=ks, save_run=save_run,
                                   batch_size=batch_size * _dp_size(task))
 
     def score_pairs(batch, documents):
         tokens = text_encoder.pairs([e.query for e in batch], documents, [e.prompt for e in batch])
-        return score_tokens(task, tokens, batch_size, device, autocast_dtype)
+        return encode_tokens(task, tokens, batch_size, device, autocast_dtype)
 
     return evaluate_reranker(score_pairs, examples, ks=ks, save_run=save_run, batch_size=batch_size * _dp_size(task))
 
