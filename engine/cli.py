@@ -89,6 +89,13 @@ def user_error_types() -> tuple[type[Exception], ...]:
             LoRAError, MetricsInputError, LossInputError)
 
 
+def rank_prefix() -> str:
+    """Under torchrun every rank reports its own failure, each line saying which rank it is."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"[rank {os.environ.get('RANK', '?')}] "
+    return ""
+
+
 def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train") -> None:
     """Run main(argv); user errors (config, data, files) print one line each and exit 2."""
 
@@ -100,9 +107,7 @@ def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train")
         code = main(argv)
     except user_error_types() as err:
         prefix = "config error: " if isinstance(err, ConfigError) else ""
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank reports, each says who it is
-            prefix = f"[rank {os.environ.get('RANK', '?')}] {prefix}"
-        print(f"{prefix}{err}", file=sys.stderr)
+        print(f"{rank_prefix()}{prefix}{err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

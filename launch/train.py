@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.cli import compose, run_cli  # noqa: E402
+from engine.cli import compose, rank_prefix, run_cli  # noqa: E402
 from engine.config import ConfigError, validate  # noqa: E402
 
 
@@ -48,8 +48,7 @@ def _train(cfg, config_yaml: str, mesh) -> int:
     try:
         results = trainer.train()
     except TrainingAborted as err:
-        prefix = f"[rank {mesh.rank}] " if mesh.distributed else ""
-        print(f"{prefix}training aborted: {err}", file=sys.stderr)
+        print(f"{rank_prefix()}training aborted: {err}", file=sys.stderr)
         return 1
     summary = {"run_dir": cfg.train.output_dir, "steps": trainer.step}
     for when in ("zero_shot", "final"):

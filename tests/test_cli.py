@@ -145,3 +145,13 @@ def test_entry_point_mistakes_are_one_line(tmp_path):
     for script, args, fragment in cases:
         lines = assert_one_line_error(run_entry(script, *args), fragment)
         assert len(lines) == 1, (script, lines)
+
+
+def test_rank_prefix_only_under_torchrun(monkeypatch):
+    from engine.cli import rank_prefix
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert rank_prefix() == ""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert rank_prefix() == "[rank 3] "
