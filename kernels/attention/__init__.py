@@ -10,6 +10,9 @@ backend is chosen and reference.py for the PyTorch spec.
 """
 from kernels.attention.dispatch import (
     attention,
+    attention_block,
+    attention_block_backward,
+    register_block_backend,
     available_backends,
     get_default_backend,
     register_backend,
@@ -21,6 +24,9 @@ from kernels.attention.dispatch import (
 
 __all__ = [
     "attention",
+    "attention_block",
+    "attention_block_backward",
+    "register_block_backend",
     "available_backends",
     "get_default_backend",
     "register_backend",

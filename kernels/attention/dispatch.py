@@ -34,6 +34,11 @@ _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("flash_attn", "triton", "torch"),
     "cpu": ("torch",),
 }
+# name -> (block forward, block backward): per-block attention with its LSE, for ring attention
+# (see block.py); a backend without an entry cannot serve ring attention.
+_BLOCK_REGISTRY: dict[str, tuple[Callable | str, Callable | str]] = {
+    "torch": ("kernels.attention.block:block_forward", "kernels.attention.block:block_backward"),
+}
 _default_backend = "auto"
 
 
@@ -101,16 +106,47 @@ def attention(
     return fn(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal, scale=scale, return_lse=return_lse)
 
 
+def register_block_backend(name: str, forward: Callable | str, backward: Callable | str) -> None:
+    """Add or replace the per-block (ring) functions of backend `name`; see block.py for the contract."""
+    _BLOCK_REGISTRY[name] = (forward, backward)
+
+
+def attention_block(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **kwargs) -> tuple[Tensor, Tensor]:
+    """One query block against one key block: (out (Tq, Hq, D), lse (Hq, Tq) fp32); see block.py."""
+    return _load_block(resolve_backend(backend, q.device.type), 0)(q, k, v, **kwargs)
+
+
+def attention_block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+                             backend: str = "auto", **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one block given the final merged out and lse; see block.py."""
+    return _load_block(resolve_backend(backend, q.device.type), 1)(dout, q, k, v, out, lse, **kwargs)
+
+
 def _load(name: str) -> AttentionFn:
     target = _REGISTRY[name]
     if isinstance(target, str):
-        module_name, _, attr = target.partition(":")
-        try:
-            target = getattr(importlib.import_module(module_name), attr)
-        except ImportError as e:
-            raise UnknownBackendError(f"attention backend {name!r} could not be imported ({e})") from e
+        target = _import(name, target)
         _REGISTRY[name] = target
     return target
+
+
+def _load_block(name: str, which: int) -> Callable:
+    if name not in _BLOCK_REGISTRY:
+        raise UnknownBackendError(f"attention backend {name!r} has no per-block functions, so ring attention "
+                                  f"cannot use it; ones that have: {', '.join(sorted(_BLOCK_REGISTRY))}")
+    pair = list(_BLOCK_REGISTRY[name])
+    if isinstance(pair[which], str):
+        pair[which] = _import(name, pair[which])
+        _BLOCK_REGISTRY[name] = tuple(pair)
+    return pair[which]
+
+
+def _import(name: str, target: str) -> Callable:
+    module_name, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise UnknownBackendError(f"attention backend {name!r} could not be imported ({e})") from e
 
 
 def _check_name(name: str) -> None:
