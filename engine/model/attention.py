@@ -22,6 +22,9 @@ class SelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.causal = args.causal
         self.recompute_core = False  # Transformer.set_recompute("selective")
+        # Attention across context-parallel ranks (ContextParallel.attention), set by
+        # engine.parallel.parallelize; None computes it here with the kernels dispatcher.
+        self.context_attention = None
         h = args.hidden_size
         self.q_proj = nn.Linear(h, args.q_size, bias=args.attention_bias)
         self.k_proj = nn.Linear(h, args.kv_size, bias=args.attention_bias)
@@ -31,7 +34,8 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                seq_lens: Tensor | None = None) -> Tensor:
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, -1, self.head_dim)  # (T, Hq, D)
         k = self.k_proj(x).view(tokens, -1, self.head_dim)  # (T, Hkv, D)
@@ -40,10 +44,14 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(self._core, q, k, v, cu_seqlens, max_seqlen, use_reentrant=False)
+            out = checkpoint(self._core, q, k, v, cu_seqlens, max_seqlen, seq_lens, use_reentrant=False)
         else:
-            out = self._core(q, k, v, cu_seqlens, max_seqlen)
+            out = self._core(q, k, v, cu_seqlens, max_seqlen, seq_lens)
         return self.o_proj(out.reshape(tokens, -1))  # (T, Hq * D) -> (T, hidden)
 
-    def _core(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def _core(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+              seq_lens: Tensor | None) -> Tensor:
+        if self.context_attention is not None:
+            return self.context_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, seq_lens=seq_lens,
+                                          causal=self.causal)
         return attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=self.causal)

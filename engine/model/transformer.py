@@ -39,8 +39,9 @@ class DecoderLayer(nn.Module):
         self.attn_entry = nn.Identity()
         self.mlp_entry = nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        x = x + self.self_attn(self.attn_entry(self.input_layernorm(x)), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                seq_lens: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.attn_entry(self.input_layernorm(x)), cos, sin, cu_seqlens, max_seqlen, seq_lens)
         return x + self.mlp(self.mlp_entry(self.post_attention_layernorm(x)))
 
 
@@ -66,6 +67,9 @@ class Transformer(nn.Module):
         # to this multiple, and the final hidden states are gathered back by output_gather.
         self.sequence_pad_multiple = 1
         self.output_gather = nn.Identity()
+        # Context parallelism (engine.parallel.context.ContextParallel) splits every sequence over
+        # ring x ulysses ranks; None in one process.
+        self.context_parallel = None
         self.tie_weights()
         # A tied lm_head is the embedding: keep it out of state dicts, as HF checkpoints do.
         self.register_state_dict_post_hook(_drop_tied_lm_head)
@@ -146,21 +150,40 @@ class Transformer(nn.Module):
         return hidden.view(*input_ids.shape, -1)
 
     def forward_packed(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        """input_ids, position_ids (T,), cu_seqlens (n+1,) int32 -> hidden (T, hidden)."""
+        """input_ids, position_ids (T,), cu_seqlens (n+1,) int32 -> hidden (T, hidden).
+
+        Under context parallelism the rows of tokens another rank holds are zeros: per-sequence
+        results computed from them are partial and summed over ranks by reduce_shards()."""
         if input_ids.shape != position_ids.shape:
             raise InputError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
         tokens = input_ids.shape[0]
-        input_ids, position_ids, cu_seqlens, max_seqlen = pad_packed(
-            input_ids, position_ids, cu_seqlens, max_seqlen, self.sequence_pad_multiple
-        )
+        seq_lens = stream = None
+        if self.context_parallel is not None:
+            stream = self.context_parallel.shard(input_ids, position_ids, cu_seqlens)
+            input_ids, position_ids, cu_seqlens = stream.input_ids, stream.position_ids, stream.cu_seqlens
+            max_seqlen, seq_lens = stream.max_seqlen, stream.seq_lens
+        else:
+            input_ids, position_ids, cu_seqlens, max_seqlen = pad_packed(
+                input_ids, position_ids, cu_seqlens, max_seqlen, self.sequence_pad_multiple
+            )
         x = self.model.embed_tokens(input_ids)  # (T, hidden), or this rank's slice of T
         cos, sin = self.rotary(position_ids, x.dtype)  # (T, head_dim) each
         for layer in self.model.layers:
             if self.recompute == "full" and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, seq_lens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.output_gather(self.model.norm(x))[:tokens]
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, seq_lens)
+        hidden = self.output_gather(self.model.norm(x))
+        if stream is not None:
+            return self.context_parallel.unshard(hidden, stream, tokens)
+        return hidden[:tokens]
+
+    def reduce_shards(self, per_sequence: Tensor) -> Tensor:
+        """Per-sequence results (pooled vectors, scores) computed from forward()'s hidden states,
+        summed over context-parallel ranks; unchanged without context parallelism."""
+        if self.context_parallel is None:
+            return per_sequence
+        return self.context_parallel.reduce(per_sequence)
 
     def _forward_padded(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None) -> Tensor:
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:

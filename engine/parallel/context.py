@@ -18,9 +18,12 @@ attends only to itself, so its length divides by U x tp.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
+
+from engine.parallel.collectives import all_reduce_copy, mapped
 
 
 def ring_chunks(ring: int, causal: bool) -> int:
@@ -58,3 +61,95 @@ def shard_for_ring(cu_seqlens: Tensor, ring: int, rank: int, causal: bool) -> Ri
     positions = held_t[which] * chunk[seq] + offset % chunk[seq]
     index = torch.where(positions < lengths[seq], cu[:-1][seq] + positions, torch.full_like(positions, -1))
     return RingShard(index=index, positions=positions, cu_seqlens=local_cu, seq_lens=lengths)
+
+
+@dataclass
+class LocalStream:
+    """What one rank runs the decoder on: its tokens of the ring-local stream (see ContextParallel.shard)."""
+
+    input_ids: Tensor  # (n / ulysses,) this rank's ulysses slice of the ring-local stream
+    position_ids: Tensor  # (n / ulysses,) global positions within each sequence
+    cu_seqlens: Tensor  # (num_seqs + 2,) int32: the ring-local stream of n tokens, filler sequence last
+    max_seqlen: int
+    seq_lens: Tensor  # (num_seqs + 1,) real lengths of the global sequences (and the filler's)
+    index: Tensor  # (n / ulysses,) global stream index of each token, -1 for pads and filler
+
+
+class ContextParallel:
+    """Splits each forward's packed stream over ring x ulysses ranks and attends across them.
+
+    Installed on a Transformer by engine.parallel.parallelize when ring * ulysses > 1. Every
+    rank of a context-parallel group passes the same whole batch; `shard` picks this rank's
+    tokens, `attention` is what each layer's attention core calls, `unshard` puts the final
+    hidden states back at their global stream rows (zeros where another rank holds the token),
+    and `reduce` sums per-sequence results (pooled vectors, scores) over the group.
+    """
+
+    def __init__(self, mesh, causal: bool, tokens_multiple: int = 1):
+        layout = mesh.layout
+        self.ring, self.ulysses, self.causal = layout.ring, layout.ulysses, causal
+        self.ring_rank, self.ulysses_rank = mesh.local_rank("ring"), mesh.local_rank("ulysses")
+        self.ring_group = mesh.group("ring") if self.ring > 1 else None
+        self.ulysses_group = mesh.group("ulysses") if self.ulysses > 1 else None
+        self.group = mesh.group("cp")
+        # The ring-local stream splits into ulysses slices, each of them into tp slices under
+        # Megatron sequence parallelism.
+        self.tokens_multiple = self.ulysses * tokens_multiple
+
+    def shard(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> LocalStream:
+        ring = shard_for_ring(cu_seqlens, self.ring, self.ring_rank, self.causal)
+        real = ring.index >= 0
+        safe = ring.index.clamp(min=0)
+        ids = torch.where(real, input_ids[safe], torch.zeros_like(safe))
+        positions = torch.where(real, position_ids.long()[safe], ring.positions)
+        filler = self._filler_length(int(ring.cu_seqlens[-1]))
+        cu = torch.cat([ring.cu_seqlens, ring.cu_seqlens[-1:] + filler])
+        seq_lens = torch.cat([ring.seq_lens, ring.seq_lens.new_tensor([filler * self.ring])])
+        ids = torch.cat([ids, ids.new_zeros(filler)])
+        positions = torch.cat([positions, torch.arange(filler, device=positions.device)])
+        index = torch.cat([ring.index, ring.index.new_full((filler,), -1)])
+        mine = slice(self.ulysses_rank * len(ids) // self.ulysses, (self.ulysses_rank + 1) * len(ids) // self.ulysses)
+        lengths = cu[1:] - cu[:-1]
+        return LocalStream(ids[mine], positions[mine], cu, int(lengths.max()) if len(lengths) else 0,
+                           seq_lens, index[mine])
+
+    def _filler_length(self, tokens: int) -> int:
+        """Tokens to append so the ring-local stream splits evenly; even under zigzag, whose
+        sequences are two equal chunks on every rank."""
+        filler = -tokens % self.tokens_multiple
+        if filler % 2 and self.causal and self.ring > 1:
+            filler += self.tokens_multiple  # tokens is even here, so an odd multiple makes it even
+        return filler
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, max_seqlen: int,
+                  seq_lens: Tensor, causal: bool) -> Tensor:
+        """q (n/U, Hq, D), k/v (n/U, Hkv, D): this rank's tokens -> (n/U, Hq, D)."""
+        from engine.parallel.ring import ring_attention
+        from engine.parallel.ulysses import ulysses_attention
+        from kernels.attention import attention
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # the whole ring-local stream, some heads
+            if self.ring > 1:
+                return ring_attention(q, k, v, cu_seqlens=cu_seqlens, seq_lens=seq_lens, causal=causal,
+                                      group=self.ring_group)
+            return attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal)
+
+        if self.ulysses > 1:
+            return ulysses_attention(q, k, v, group=self.ulysses_group, attend=attend)
+        return attend(q, k, v)
+
+    def unshard(self, hidden: Tensor, stream: LocalStream, tokens: int) -> Tensor:
+        """(n/U, H) of this rank's tokens -> (tokens, H) in global stream order, zeros elsewhere."""
+        real = stream.index >= 0
+        return hidden.new_zeros(tokens, hidden.shape[-1]).index_copy(0, stream.index[real], hidden[real])
+
+    def reduce(self, x: Tensor) -> Tensor:
+        """The sum over the context-parallel group of per-sequence partial results.
+
+        Every rank then computes the same loss from it, so each rank's gradient of its partial
+        result is the gradient of the sum. The backward multiplies it by the group size: FSDP
+        averages gradients over dp x ring x ulysses, but the ring x ulysses ranks hold parts of one
+        gradient, which must be summed (FSDP's own divide factor needs PREMUL_SUM, which gloo lacks).
+        Every parameter's gradient flows through here, so this is the whole correction."""
+        size = self.ring * self.ulysses
+        return mapped(x, partial(all_reduce_copy, group=self.group), lambda grad: grad * size)

@@ -49,7 +49,7 @@ def layout_from_config(parallel, world_size: int | None = None) -> Layout:
     return Layout(p.tp, p.pp, p.ulysses, p.ring, world_size // model_parallel)
 
 
-def check_model_fits_layout(args, layout: Layout, seq_len: int) -> None:
+def check_model_fits_layout(args, layout: Layout) -> None:
     """One line per violated rule, naming the numbers and what would work."""
     tp = layout.tp
     if args.num_heads % tp:
@@ -78,15 +78,25 @@ def check_model_fits_layout(args, layout: Layout, seq_len: int) -> None:
         )
     if args.num_layers < layout.pp:
         raise ConfigError(f"num_layers={args.num_layers} is fewer than parallel.pp={layout.pp} stages")
-    sp = layout.ulysses
-    if args.num_heads % (tp * sp):
-        raise ConfigError(
-            f"num_heads={args.num_heads} is not divisible by parallel.tp*parallel.ulysses={tp * sp}"
-        )
-    # Zigzag ring attention cuts each sequence into 2*ring chunks.
-    chunks = layout.ulysses * layout.ring * (2 if layout.ring > 1 else 1)
-    if seq_len % chunks:
-        raise ConfigError(f"sequence length {seq_len} is not divisible by the {chunks} sequence-parallel chunks")
+    check_ulysses_heads(args, layout)
+
+
+def check_ulysses_heads(args, layout: Layout) -> None:
+    """Ulysses hands each rank whole heads: the query heads of a tp rank split over ulysses, and its
+    KV heads either split too or, when fewer than ulysses, are repeated so each rank gets whole ones."""
+    tp, ulysses = layout.tp, layout.ulysses
+    if ulysses == 1:
+        return
+    q_heads = args.num_heads // tp
+    kv_heads = max(1, args.num_kv_heads // tp)
+    where = f"num_heads={args.num_heads}" if tp == 1 else f"num_heads/tp={args.num_heads}/{tp}={q_heads}"
+    if q_heads % ulysses:
+        raise ConfigError(f"parallel.ulysses={ulysses}: {where} query heads do not split over {ulysses} ranks "
+                          f"(ulysses that works: {_divisors(q_heads)}); use parallel.ring={ulysses} instead, "
+                          "which has no head constraint")
+    if kv_heads % ulysses and ulysses % kv_heads:
+        raise ConfigError(f"parallel.ulysses={ulysses}: {kv_heads} KV heads per tp rank neither split over nor "
+                          f"repeat evenly to {ulysses} ranks; use parallel.ring={ulysses} instead")
 
 
 def check_batch_fits_layout(train, layout: Layout) -> None:
@@ -100,7 +110,7 @@ def check_batch_fits_layout(train, layout: Layout) -> None:
 
 
 # Degrees whose training code has not landed yet: the grid has their dimensions already.
-NOT_YET_TRAINABLE = ("pp", "ulysses", "ring")
+NOT_YET_TRAINABLE = ("pp",)
 
 
 def check_trainable_layout(cfg, layout: Layout, args) -> None:
@@ -111,8 +121,7 @@ def check_trainable_layout(cfg, layout: Layout, args) -> None:
                 f"parallel.{key}={getattr(layout, key)}: training with {key} > 1 is not available in this version "
                 "(train.dry_run=true plans such layouts); use parallel.tp and data parallelism"
             )
-    seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
-    check_model_fits_layout(args, layout, seq_len)
+    check_model_fits_layout(args, layout)
     check_batch_fits_layout(cfg.train, layout)
     if layout.tp > 1 and cfg.lora.rank > 0:
         # A target matches module names ending in it ("q_proj", "self_attn.q_proj", "layers.0.self_attn.q_proj").

@@ -8,7 +8,9 @@ Groups and what they reduce:
 - tp: tensor-parallel shards of every layer (region maps in tensor.py);
 - dp_sp: dp x ring x ulysses flattened, the ranks that hold the same parameters but see
   different tokens, so gradients are averaged and optimizer state is sharded over it (data.py);
-- dp: the ranks that see different queries; cross-rank negatives are gathered over it.
+- dp: the ranks that see different queries; cross-rank negatives are gathered over it;
+- cp: ring x ulysses flattened, the ranks that split the same sequences (context.py); per-sequence
+  results (pooled vectors, scores) are summed over it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class ParallelMesh:
     layout: Layout = field(default_factory=Layout)
     device_mesh: object | None = None  # torch DeviceMesh over the world; None for one process
     dp_sp_mesh: object | None = None  # the flattened dp x ring x ulysses dimension
+    cp_mesh: object | None = None  # the flattened ring x ulysses dimension (context parallelism)
 
     # ---- sizes and ranks -------------------------------------------------------------
     @property
@@ -70,7 +73,7 @@ class ParallelMesh:
     def submesh(self, dim: str):
         if not self.distributed:
             return None
-        return self.dp_sp_mesh if dim == "dp_sp" else self.device_mesh[dim]
+        return {"dp_sp": self.dp_sp_mesh, "cp": self.cp_mesh}.get(dim) or self.device_mesh[dim]
 
     def group(self, dim: str):
         mesh = self.submesh(dim)
@@ -107,7 +110,8 @@ def init_mesh(layout: Layout, device: torch.device) -> ParallelMesh:
     shape = (layout.pp, layout.dp, layout.ring, layout.ulysses, layout.tp)
     device_mesh = init_device_mesh(device.type, shape, mesh_dim_names=DIM_NAMES)
     dp_sp_mesh = device_mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
-    return ParallelMesh(layout, device_mesh, dp_sp_mesh)
+    cp_mesh = device_mesh["ring", "ulysses"]._flatten("cp")
+    return ParallelMesh(layout, device_mesh, dp_sp_mesh, cp_mesh)
 
 
 def shutdown(mesh: ParallelMesh) -> None:

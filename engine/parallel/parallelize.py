@@ -3,8 +3,8 @@
 The model is built on every rank with the same seed (same LoRA init): whole for random
 init, or with its backbone on the meta device when it comes from a checkpoint. Each layer
 is swapped for its tensor-parallel counterpart keeping only this rank's slice (tensor.py),
-a meta backbone is then filled with just those slices (load.py), and FSDP2 shards what
-remains over dp x ring x ulysses (data.py).
+a meta backbone is then filled with just those slices (load.py), every sequence is split over
+ring x ulysses ranks (context.py), and FSDP2 shards what remains over dp x ring x ulysses (data.py).
 Parameter names do not change, so checkpoints and exports see the single-process names.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from engine.model.lora import LoRALinear, set_submodule
+from engine.parallel.context import ContextParallel
 from engine.parallel.data import shard_data_parallel
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.tensor import (
@@ -37,6 +38,8 @@ def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool,
     it fills a meta-device backbone with this rank's slices (engine.parallel.load)."""
     if mesh.tp > 1:
         apply_tensor_parallel(task, mesh, sequence_parallel)
+    if mesh.layout.ring * mesh.layout.ulysses > 1:
+        apply_context_parallel(task.backbone, mesh, sequence_parallel)
     if load_weights is not None:
         load_weights(task)
     if mesh.dp_sp > 1:
@@ -44,6 +47,15 @@ def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool,
     if mesh.dp > 1 and hasattr(task, "dp_group"):
         task.dp_group = mesh.group("dp")
     return task
+
+
+def apply_context_parallel(backbone: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> None:
+    """Every sequence split over ring x ulysses ranks (context.py); attention crosses them."""
+    tokens_multiple = mesh.tp if sequence_parallel and mesh.tp > 1 else 1
+    context = ContextParallel(mesh, backbone.args.causal, tokens_multiple)
+    backbone.context_parallel = context
+    for layer in backbone.model.layers:
+        layer.self_attn.context_attention = context.attention
 
 
 def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> None:

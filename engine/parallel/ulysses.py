@@ -11,13 +11,13 @@ rank its own tokens with all heads. Each all-to-all moves (U-1)/U of the rank's 
 KV heads fewer than U are repeated first (expand_kv_heads), so each rank gets whole KV heads;
 the repeat's backward sums the copies' gradients.
 
-Status: the building block and its tests (tests/parallel/test_ulysses.py). Training with
-parallel.ulysses > 1 (the token split of packed rows, pooling across shards, the gradient
-convention over dp x ulysses) is issue 4's remaining work; the launcher still refuses it.
+Training wires it in through engine/parallel/context.py (ContextParallel), which also runs ring
+attention inside it for the hybrid layout (Ulysses inside, ring outside, as USP does).
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch.distributed as dist
 from torch import Tensor
@@ -68,17 +68,24 @@ def expand_kv_heads(kv: Tensor, ranks: int) -> Tensor:
     return kv.repeat_interleave(ranks // heads, dim=1)
 
 
-def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
-                      group, scale: float | None = None) -> Tensor:
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, group, cu_seqlens: Tensor | None = None,
+                      max_seqlen: int | None = None, causal: bool = True, scale: float | None = None,
+                      attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """Attention over the whole packed stream for tokens held in U shards.
 
-    q (T/U, Hq, D), k/v (T/U, Hkv, D): this rank's tokens; cu_seqlens/max_seqlen describe the
-    whole stream of T tokens. Returns (T/U, Hq, D), this rank's tokens.
+    q (T/U, Hq, D), k/v (T/U, Hkv, D): this rank's tokens. `attend(q, k, v)` computes attention
+    over all T tokens for this rank's heads (ring attention in the hybrid layout); by default the
+    kernels dispatcher over cu_seqlens/max_seqlen (the whole stream). Returns (T/U, Hq, D).
     """
+    if attend is None:
+        attend = partial(_whole_stream_attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal,
+                         scale=scale)
     ranks = dist.get_world_size(group)
     q_heads = seq_to_heads(q, group)
     k_heads = seq_to_heads(expand_kv_heads(k, ranks), group)
     v_heads = seq_to_heads(expand_kv_heads(v, ranks), group)
-    out = attention(q_heads, k_heads, v_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                    causal=causal, scale=scale)
-    return heads_to_seq(out, group)
+    return heads_to_seq(attend(q_heads, k_heads, v_heads), group)
+
+
+def _whole_stream_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    return attention(q, k, v, **kwargs)

@@ -29,7 +29,8 @@ class EmbeddingTask(nn.Module):
             seqs.input_ids, position_ids=seqs.position_ids,
             cu_seqlens=seqs.cu_seqlens, max_seqlen=seqs.max_seqlen,
         )  # (total_tokens, H)
-        vectors = pool(hidden, seqs.cu_seqlens, self.cfg.pooling).float()  # (num_seqs, H)
+        # Under context parallelism each rank pools its own tokens; the sum over ranks is the whole.
+        vectors = self.backbone.reduce_shards(pool(hidden, seqs.cu_seqlens, self.cfg.pooling).float())  # (n, H)
         return F.normalize(vectors, dim=-1) if self.cfg.normalize else vectors
 
     def loss_from_outputs(self, outputs: list[Tensor], batch: EmbeddingBatch) -> Tensor:

@@ -39,10 +39,12 @@ class RerankerTask(nn.Module):
             cu_seqlens=pairs.cu_seqlens, max_seqlen=pairs.max_seqlen,
         )  # (total_tokens, H)
         last = pool(hidden, pairs.cu_seqlens, "last")  # (num_seqs, H)
+        # The head reads the last token where it lies: under context parallelism only that rank's
+        # row is non-zero, so the head's gradient is counted once, and the scores are summed over ranks.
         if self.cfg.head == "yes_no":
             rows = self.backbone.lm_head_rows(list(self.yes_no_ids))  # (2, H)
-            return (last @ (rows[0] - rows[1])).float()
-        return self.score(last).squeeze(-1).float()
+            return self.backbone.reduce_shards((last @ (rows[0] - rows[1])).float())
+        return self.backbone.reduce_shards(self.score(last).squeeze(-1).float())
 
     def towers(self, batch: RerankerBatch) -> list[PackedSequences]:
         return [batch.pairs]

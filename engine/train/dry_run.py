@@ -18,7 +18,7 @@ def dry_run(cfg) -> dict:
     args = model_args(cfg.model)
     layout = layout_from_config(cfg.parallel)
     seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
-    check_model_fits_layout(args, layout, seq_len)
+    check_model_fits_layout(args, layout)
     check_batch_fits_layout(cfg.train, layout)
     with torch.device("meta"):
         model = Transformer(args)

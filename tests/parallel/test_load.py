@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from engine.cli import compose
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import init_mesh
-from tests.conftest import free_port
+from tests.parallel.ranks import spawn
 
 
 def _write_model(folder: str, tie: bool) -> None:
@@ -33,16 +31,14 @@ def _write_model(folder: str, tie: bool) -> None:
     byte_tokenizer().save_pretrained(folder)
 
 
-def _compare(rank: int, world: int, port: int, folder: str, out: str) -> None:
+def _compare(rank: int, world: int, folder: str, out: str) -> None:
     from engine.data.byte_tokenizer import byte_tokenizer
     from engine.model.hf_io import CheckpointSlices
     from engine.parallel.load import load_local_shards
     from engine.parallel.parallelize import parallelize
     from engine.train.build import build_task_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     mesh = init_mesh(Layout(tp=world), torch.device("cpu"))
     cfg, _ = compose([f"model.path={folder}", "task=reranker", "task.head=linear", "lora.rank=4"])
     cpu, tokenizer = torch.device("cpu"), byte_tokenizer()
@@ -63,7 +59,6 @@ def _compare(rank: int, world: int, port: int, folder: str, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"mismatched": mismatched, "count": len(expected), "tied": tied,
                    "names_equal": set(expected) == {n for n, _ in sliced.named_parameters()}}, f)
-    dist.destroy_process_group()
 
 
 
@@ -72,7 +67,7 @@ def test_sliced_loading_equals_slicing_the_whole_model(tmp_path, tie):
     folder = str(tmp_path / "model")
     _write_model(folder, tie)
     world = 4  # 2 KV heads in the tiny model: tp 4 replicates them
-    mp.spawn(_compare, args=(world, free_port(), folder, str(tmp_path)), nprocs=world, join=True)
+    spawn(_compare, world, folder, str(tmp_path))
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
             result = json.load(f)

@@ -7,7 +7,6 @@ builds every layout in turn and writes what each rank saw; the parent asserts pe
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import traceback
@@ -15,11 +14,10 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import ParallelMesh, init_mesh
-from tests.conftest import free_port
+from tests.parallel.ranks import spawn
 
 DIMS = ("pp", "dp", "ring", "ulysses", "tp", "dp_sp")
 
@@ -59,10 +57,7 @@ def _what_rank_sees(mesh: ParallelMesh) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+def _worker(rank: int, world: int, out_dir: str) -> None:
     seen: dict[str, object] = {}
     try:
         for name, (layout, _) in LAYOUTS[world].items():
@@ -78,8 +73,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(seen, f)
-        dist.destroy_process_group()
-
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +83,7 @@ def seen(tmp_path_factory):
     def get(world: int) -> list[dict]:
         if world not in done:
             out = str(tmp_path_factory.mktemp(f"mesh{world}"))
-            mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
+            spawn(_worker, world, out, timeout_s=60)
             ranks = []
             for rank in range(world):
                 with open(os.path.join(out, f"rank{rank}.json")) as f:

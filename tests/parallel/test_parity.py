@@ -22,12 +22,10 @@ variants of the block (q/k norms, q/k/v biases, tied and untied heads, yes/no an
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.cli import compose
 from engine.config import validate
@@ -35,7 +33,8 @@ from engine.parallel.data import gather_full_parameters
 from engine.parallel.layout import layout_from_config
 from engine.parallel.mesh import init_mesh
 from engine.train.trainer import Trainer
-from tests.conftest import free_port, synthetic_examples, write_jsonl
+from tests.conftest import synthetic_examples, write_jsonl
+from tests.parallel.ranks import spawn
 
 STEPS = 3
 LR = 1e-3  # variants may lower it
@@ -144,12 +143,7 @@ def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) 
     return Trainer(cfg, yaml, mesh)
 
 
-def _worker(rank: int, world: int, port: int, data_dir: str, out_dir: str, jobs: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
-    torch.set_num_threads(1)
-    # A hang (a collective some ranks skip) fails in two minutes instead of gloo's thirty.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+def _worker(rank: int, world: int, data_dir: str, out_dir: str, jobs: dict) -> None:
     results = {}
     for i, (key, overrides) in enumerate(jobs.items()):
         cfg, _ = compose(TINY + [o for o in overrides if MODEL_DIR not in o])
@@ -158,7 +152,6 @@ def _worker(rank: int, world: int, port: int, data_dir: str, out_dir: str, jobs:
         results[key] = run_steps(trainer)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    dist.destroy_process_group()
 
 
 
@@ -190,7 +183,7 @@ def parallel_results(data_dir, tmp_path_factory):
     results = {}
     for world in LAYOUTS:
         out_dir = str(tmp_path_factory.mktemp(f"parity-{world}"))
-        mp.spawn(_worker, args=(world, free_port(), data_dir, out_dir, jobs_for(world)), nprocs=world, join=True)
+        spawn(_worker, world, data_dir, out_dir, jobs_for(world))
         results.update(torch.load(os.path.join(out_dir, "results.pt"), weights_only=True))
     return results
 

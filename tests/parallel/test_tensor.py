@@ -11,7 +11,6 @@ so every rank keeps issuing the same collectives in the same order.
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import os
@@ -20,12 +19,11 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from tests.conftest import free_port
+from tests.parallel.ranks import spawn
 
 WORLD_SIZES = (2, 4)
 TOKENS = 8  # divisible by every tp here, so sequence-parallel slices are equal
@@ -607,11 +605,7 @@ def checks(world: int) -> list[tuple[str, object]]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    # A rank stuck in a collective fails after this long instead of hanging the test run.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+def _worker(rank: int, world: int, out_dir: str) -> None:
     results: dict[str, dict] = {}
     broken = None
     try:
@@ -632,13 +626,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-        dist.destroy_process_group()
-
 
 
 def run_job(world: int, out_dir: str) -> list[dict]:
     """Every check on `world` gloo ranks; one result dict per rank."""
-    mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
+    spawn(_worker, world, out_dir, timeout_s=60)
     ranks = []
     for rank in range(world):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kernels.attention import attention
-from tests.conftest import free_port
+from tests.parallel.ranks import spawn
 
 CU_SEQLENS = [0, 5, 6, 13, 16]  # a 1-token sequence, and sequences crossing every shard boundary
 HEADS = [(4, 4), (4, 2), (4, 1)]  # (query heads, KV heads): split, split or replicated, replicated
@@ -54,10 +52,7 @@ def _round_trip(world: int) -> float:
     return float((heads_to_seq(heads, dist.group.WORLD) - x).abs().max())
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+def _worker(rank: int, world: int, out_dir: str) -> None:
     results = {"round_trip": _round_trip(world)}
     for q_heads, kv_heads in HEADS:
         if kv_heads < world and world % kv_heads or kv_heads >= world and kv_heads % world:
@@ -67,12 +62,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 world, q_heads, kv_heads, causal)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_attention_equals_whole_stream_attention(tmp_path, world):
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn(_worker, world, str(tmp_path))
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
             results = json.load(f)
