@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ember-installed
 
-.PHONY: install test demo demo-reranker clean
+.PHONY: install test demo demo-reranker demo-long clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ demo-reranker: install
 	$(BIN)/python launch/prepare_demo.py
 	rm -rf outputs/demo_reranker
 	$(BIN)/python launch/train.py +exp=demo_reranker
+
+# 32K-token documents split over 4 processes by ring attention (conf/exp/demo_long.yaml); the
+# synthetic data is written under the cache, never committed. DEMO_LONG_ARGS picks another
+# layout, e.g. DEMO_LONG_ARGS="parallel.ring=2 parallel.ulysses=2".
+DEMO_LONG_ARGS ?=
+demo-long: install
+	$(BIN)/python -m engine.demo.long_data
+	rm -rf outputs/demo_long
+	OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=4 \
+		launch/train.py +exp=demo_long $(DEMO_LONG_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -74,6 +74,7 @@ class _Block:
 def _plan_blocks(cu_seqlens: Tensor, seq_lens: Tensor, ring: int, rank: int, causal: bool) -> list[_Block]:
     """The block of every source rank (list index = source rank), built once per call."""
     cu = cu_seqlens.long()
+    cu_seqlens = cu_seqlens.to(torch.int32)  # the varlen kernels' layout
     local = cu[1:] - cu[:-1]  # (num_seqs,) tokens of each sequence on every rank
     if causal and ring == 1:  # pads sit at sequence ends, after every real query: no exclusion needed
         return [_Block(None, None, cu_seqlens, cu_seqlens, _max(local), _max(local), True)]

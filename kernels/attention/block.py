@@ -157,7 +157,7 @@ def _groups(cu_q: Tensor, cu_k: Tensor, causal: bool):
     for (q0, q1), (k0, k1) in _segments(cu_q, cu_k, causal):
         starts_by_shape[(q1 - q0, k1 - k0)].append((q0, k0))
     for (q_len, k_len), starts in starts_by_shape.items():
-        q_starts, k_starts = (torch.tensor(s, device=cu_q.device) for s in zip(*starts))
+        q_starts, k_starts = (torch.tensor(s) for s in zip(*starts))  # CPU only: this path serves CPU tensors
         yield _rows(q_starts, q_len), _rows(k_starts, k_len), len(starts)
 
 

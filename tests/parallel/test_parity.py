@@ -15,9 +15,14 @@ pytest process) and in each layout (spawned ranks running the real Trainer). Com
   per tensor, plus embedding rows of tokens the batch never used, whose gradient is 0).
 The held-out metrics after the steps (evaluation is split over dp ranks) must agree too.
 Layouts: tp 2 and 4 with sequence parallelism on and off (tp 4 with 2 KV heads replicates
-KV heads), dp 2, dp 2 x tp 2; and for the embedding task dp 2 with grad_accum and grad_cache.
+KV heads), dp 2, dp 2 x tp 2; context parallelism: ulysses 2 and 4 (4 repeats the 2 KV heads),
+ring 2 and 4, ring 2 x ulysses 2, tp 2 x ulysses 2, dp 2 x ring 2; and for the embedding task
+dp 2 with grad_accum and grad_cache.
 Tasks: embedding and reranker, LoRA and full fine-tuning, over the llama, qwen2 and qwen3
-variants of the block (q/k norms, q/k/v biases, tied and untied heads, yes/no and linear heads).
+variants of the block (q/k norms, q/k/v biases, tied and untied heads, yes/no and linear heads),
+causal with last and mean pooling, and bidirectional with mean pooling. A third of the training
+lines have a 3-token document, shorter than ring 4's 8 zigzag chunks; queries, documents and
+query+document pairs are of unequal lengths in every packed row.
 """
 from __future__ import annotations
 
@@ -54,17 +59,25 @@ TASKS = {
     "reranker-lora-qwen2-linear": ["task=reranker", "model.family=qwen2", "lora.rank=4", "task.head=linear",
                                    "train.lr=1e-4"],
     "reranker-full-untied": ["task=reranker", "model.tie_word_embeddings=false"],
+    "embedding-bidirectional": ["task=embedding", "model.causal=false", "task.pooling=mean"],
 }
 LAYOUTS = {
     2: {
         "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
         "tp2": ["parallel.tp=2", "parallel.sequence_parallel=false"],
         "dp2": [],
+        "ulysses2": ["parallel.ulysses=2"],
+        "ring2": ["parallel.ring=2"],
     },
     4: {
         "tp4-sp": ["parallel.tp=4", "parallel.sequence_parallel=true"],
         "tp4": ["parallel.tp=4", "parallel.sequence_parallel=false"],
         "dp2xtp2": ["parallel.tp=2"],
+        "ulysses4": ["parallel.ulysses=4"],  # 2 KV heads repeated to 4 ranks
+        "ring4": ["parallel.ring=4"],  # causal: 8 zigzag chunks, longer than some documents
+        "ring2xulysses2": ["parallel.ring=2", "parallel.ulysses=2"],
+        "tp2xulysses2": ["parallel.tp=2", "parallel.ulysses=2"],
+        "dp2xring2": ["parallel.ring=2"],  # ring 2 leaves dp 2: cross-rank negatives and context parallelism
     },
 }
 # Micro-batching variants, single-process reference with the same settings; and loading a
@@ -74,13 +87,19 @@ EXTRAS = {
     "accum2": ["train.grad_accum=2"],
     "gradcache": ["train.grad_cache=true", "train.grad_cache_chunk=3"],
     "path": [f"model.path={MODEL_DIR}"],
+    "recompute-full": ["train.recompute=full"],  # ring attention runs again inside the backward
+    "recompute-selective": ["train.recompute=selective"],
 }
 EXTRA_TASKS = {
     "accum2": ("embedding-lora", "embedding-full-qwen3"),
     "gradcache": ("embedding-lora", "embedding-full-qwen3"),
     "path": ("embedding-lora", "reranker-full-untied"),
+    "recompute-full": ("embedding-lora", "reranker-full-untied"),
+    "recompute-selective": ("embedding-lora",),
 }
-EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2"), "gradcache": ("dp2", "dp2xtp2"), "path": ("tp2-sp", "dp2xtp2")}
+EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2"), "gradcache": ("dp2", "dp2xtp2", "ulysses2"),
+                 "path": ("tp2-sp", "dp2xtp2", "tp2xulysses2"), "recompute-full": ("ring2", "ring2xulysses2"),
+                 "recompute-selective": ("ring2",)}
 
 
 def jobs_for(world: int) -> dict[tuple[str, str, str], list[str]]:
@@ -158,7 +177,10 @@ def _worker(rank: int, world: int, data_dir: str, out_dir: str, jobs: dict) -> N
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parity-data")
-    write_jsonl(folder / "train.jsonl", synthetic_examples(24, seed=0))
+    lines = synthetic_examples(24, seed=0)
+    for line in lines[::3]:  # documents of 3 tokens: fewer than ring 4's 8 chunks, or ring 2's 4
+        line["neg"][0] = "no"
+    write_jsonl(folder / "train.jsonl", lines)
     write_jsonl(folder / "eval.jsonl", synthetic_examples(7, seed=1))  # 7 queries: batches do not split evenly
     _write_tiny_model(str(folder / "model"))
     return str(folder)
