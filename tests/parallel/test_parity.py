@@ -14,15 +14,18 @@ pytest process) and in each layout (spawned ranks running the real Trainer). Com
   by up to lr per step; those elements are held to that bound instead. They are few (a few
   per tensor, plus embedding rows of tokens the batch never used, whose gradient is 0).
 The held-out metrics after the steps (evaluation is split over dp ranks) must agree too.
+Context-parallel layouts are held to 3e-5 for gradients and atol 1e-5 for parameters (see
+CP_TOLERANCE for why); losses and clip norms to the same 1e-5.
 Layouts: tp 2 and 4 with sequence parallelism on and off (tp 4 with 2 KV heads replicates
 KV heads), dp 2, dp 2 x tp 2; context parallelism: ulysses 2 and 4 (4 repeats the 2 KV heads),
 ring 2 and 4, ring 2 x ulysses 2, tp 2 x ulysses 2, dp 2 x ring 2; and for the embedding task
 dp 2 with grad_accum and grad_cache.
 Tasks: embedding and reranker, LoRA and full fine-tuning, over the llama, qwen2 and qwen3
 variants of the block (q/k norms, q/k/v biases, tied and untied heads, yes/no and linear heads),
-causal with last and mean pooling, and bidirectional with mean pooling. A third of the training
-lines have a 3-token document, shorter than ring 4's 8 zigzag chunks; queries, documents and
-query+document pairs are of unequal lengths in every packed row.
+causal with last and mean pooling, and bidirectional with mean pooling (context parallelism
+only). The context-parallel layouts train on data where a third of the lines have a 3-token
+document, shorter than ring 4's 8 zigzag chunks; queries, documents and query+document pairs
+are of unequal lengths in every packed row.
 """
 from __future__ import annotations
 
@@ -66,20 +69,35 @@ LAYOUTS = {
         "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
         "tp2": ["parallel.tp=2", "parallel.sequence_parallel=false"],
         "dp2": [],
-        "ulysses2": ["parallel.ulysses=2"],
-        "ring2": ["parallel.ring=2"],
     },
     4: {
         "tp4-sp": ["parallel.tp=4", "parallel.sequence_parallel=true"],
         "tp4": ["parallel.tp=4", "parallel.sequence_parallel=false"],
         "dp2xtp2": ["parallel.tp=2"],
+    },
+}
+# Context parallelism, trained on the data with 3-token documents (SHORT_DOCS).
+CP_LAYOUTS = {
+    2: {
+        "ulysses2": ["parallel.ulysses=2"],
+        "ring2": ["parallel.ring=2"],
+    },
+    4: {
         "ulysses4": ["parallel.ulysses=4"],  # 2 KV heads repeated to 4 ranks
-        "ring4": ["parallel.ring=4"],  # causal: 8 zigzag chunks, longer than some documents
+        "ring4": ["parallel.ring=4"],  # causal: 8 zigzag chunks, more than some documents' tokens
         "ring2xulysses2": ["parallel.ring=2", "parallel.ulysses=2"],
         "tp2xulysses2": ["parallel.tp=2", "parallel.ulysses=2"],
         "dp2xring2": ["parallel.ring=2"],  # ring 2 leaves dp 2: cross-rank negatives and context parallelism
     },
 }
+# Context parallelism splits every sum over a sequence's tokens (attention, gradients of weights)
+# into per-rank partial sums added in another order; where such a sum nearly cancels (LoRA B's
+# first gradient), its float32 noise reaches 1.1e-5 of the tensor's norm, and AdamW turns the
+# noise of small gradients into parameter differences up to ~4e-6 at lr 1e-3. Bugs here show
+# up at 1e-2 and above (a token attending the wrong keys, a gradient counted twice).
+CP_TOLERANCE = (3e-5, 1e-5)  # (gradient relative to its norm, parameter absolute)
+SHORT_DOCS = "@SHORT_DOCS"  # marks a job that trains on train_short.jsonl (see data_dir)
+CP_ONLY_TASKS = ("embedding-bidirectional",)
 # Micro-batching variants, single-process reference with the same settings; and loading a
 # Hugging Face folder (each rank reads only its slices; the reference loads it whole).
 MODEL_DIR = "@MODEL"  # replaced by the fixture's tiny Hugging Face folder
@@ -102,16 +120,30 @@ EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2"), "gradcache": ("dp2", "dp2xtp2", "
                  "recompute-selective": ("ring2",)}
 
 
+def extra_args(extra: str) -> list[str]:
+    """The overrides of a job variant: "", "short", an EXTRAS key, or "short+<EXTRAS key>"."""
+    args = []
+    for part in extra.split("+") if extra else []:
+        args += [SHORT_DOCS] if part == "short" else EXTRAS[part]
+    return args
+
+
 def jobs_for(world: int) -> dict[tuple[str, str, str], list[str]]:
     jobs = {}
     for task, task_args in TASKS.items():
-        for layout, layout_args in LAYOUTS[world].items():
-            jobs[(task, "", layout)] = task_args + layout_args
-    for extra, extra_args in EXTRAS.items():
+        if task not in CP_ONLY_TASKS:
+            for layout, layout_args in LAYOUTS[world].items():
+                jobs[(task, "", layout)] = task_args + layout_args
+        for layout, layout_args in CP_LAYOUTS[world].items():
+            jobs[(task, "short", layout)] = task_args + extra_args("short") + layout_args
+    for extra in EXTRAS:
         for task in EXTRA_TASKS[extra]:
             for layout in EXTRA_LAYOUTS[extra]:
                 if layout in LAYOUTS[world]:
-                    jobs[(task, extra, layout)] = TASKS[task] + extra_args + LAYOUTS[world][layout]
+                    jobs[(task, extra, layout)] = TASKS[task] + extra_args(extra) + LAYOUTS[world][layout]
+                if layout in CP_LAYOUTS[world]:
+                    variant = f"short+{extra}"
+                    jobs[(task, variant, layout)] = TASKS[task] + extra_args(variant) + CP_LAYOUTS[world][layout]
     return jobs
 
 
@@ -155,8 +187,9 @@ def _learning_rate(task: str) -> float:
 
 
 def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) -> Trainer:
-    overrides = [o.replace(MODEL_DIR, os.path.join(data_dir, "model")) for o in overrides]
-    cfg, yaml = compose(TINY + overrides + [f"data.train={data_dir}/train.jsonl", f"data.eval={data_dir}/eval.jsonl",
+    train = "train_short.jsonl" if SHORT_DOCS in overrides else "train.jsonl"
+    overrides = [o.replace(MODEL_DIR, os.path.join(data_dir, "model")) for o in overrides if o != SHORT_DOCS]
+    cfg, yaml = compose(TINY + overrides + [f"data.train={data_dir}/{train}", f"data.eval={data_dir}/eval.jsonl",
                                             f"train.output_dir={run_dir}", "eval.batch_size=4"])
     validate(cfg)
     return Trainer(cfg, yaml, mesh)
@@ -165,7 +198,7 @@ def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) 
 def _worker(rank: int, world: int, data_dir: str, out_dir: str, jobs: dict) -> None:
     results = {}
     for i, (key, overrides) in enumerate(jobs.items()):
-        cfg, _ = compose(TINY + [o for o in overrides if MODEL_DIR not in o])
+        cfg, _ = compose(TINY + [o for o in overrides if MODEL_DIR not in o and o != SHORT_DOCS])
         mesh = init_mesh(layout_from_config(cfg.parallel, world_size=world), torch.device("cpu"))
         trainer = build_trainer(overrides, data_dir, os.path.join(out_dir, f"run{i}"), mesh)
         results[key] = run_steps(trainer)
@@ -177,10 +210,11 @@ def _worker(rank: int, world: int, data_dir: str, out_dir: str, jobs: dict) -> N
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parity-data")
-    lines = synthetic_examples(24, seed=0)
-    for line in lines[::3]:  # documents of 3 tokens: fewer than ring 4's 8 chunks, or ring 2's 4
+    write_jsonl(folder / "train.jsonl", synthetic_examples(24, seed=0))
+    short = synthetic_examples(24, seed=0)
+    for line in short[::3]:  # documents of 3 tokens: fewer than ring 4's 8 chunks, or ring 2's 4
         line["neg"][0] = "no"
-    write_jsonl(folder / "train.jsonl", lines)
+    write_jsonl(folder / "train_short.jsonl", short)
     write_jsonl(folder / "eval.jsonl", synthetic_examples(7, seed=1))  # 7 queries: batches do not split evenly
     _write_tiny_model(str(folder / "model"))
     return str(folder)
@@ -203,7 +237,7 @@ def _write_tiny_model(folder: str) -> None:
 def parallel_results(data_dir, tmp_path_factory):
     """Every layout's records, one spawn per world size."""
     results = {}
-    for world in LAYOUTS:
+    for world in (2, 4):
         out_dir = str(tmp_path_factory.mktemp(f"parity-{world}"))
         spawn(_worker, world, data_dir, out_dir, jobs_for(world))
         results.update(torch.load(os.path.join(out_dir, "results.pt"), weights_only=True))
@@ -217,7 +251,7 @@ def reference(data_dir, tmp_path_factory):
     def get(task: str, extra: str) -> dict:
         if (task, extra) not in cache:
             run_dir = str(tmp_path_factory.mktemp("reference"))
-            trainer = build_trainer(TASKS[task] + EXTRAS.get(extra, []), data_dir, run_dir)
+            trainer = build_trainer(TASKS[task] + extra_args(extra), data_dir, run_dir)
             cache[(task, extra)] = run_steps(trainer, noise_masks=True)
         return cache[(task, extra)]
 
@@ -229,12 +263,13 @@ def _median_norm(grads: dict[str, torch.Tensor]) -> float:
     return norms[len(norms) // 2]
 
 
-ALL_JOBS = [key for world in LAYOUTS for key in jobs_for(world)]
+ALL_JOBS = [key for world in (2, 4) for key in jobs_for(world)]
 
 
 @pytest.mark.parametrize("task,extra,layout", ALL_JOBS, ids=["-".join(p for p in k if p) for k in ALL_JOBS])
 def test_layout_matches_single_process(task, extra, layout, parallel_results, reference):
     ref, got = reference(task, extra), parallel_results[(task, extra, layout)]
+    grad_tol, param_atol = CP_TOLERANCE if extra.startswith("short") else (1e-5, 1e-6)
     for step in range(STEPS):
         for key in ("loss", "grad_norm"):
             assert got[key][step] == pytest.approx(ref[key][step], rel=1e-5), f"{key} at step {step + 1}"
@@ -243,12 +278,12 @@ def test_layout_matches_single_process(task, extra, layout, parallel_results, re
     for name, grad in ref["grads"].items():
         assert got["grads"][name].shape == grad.shape, name
         error = float((got["grads"][name] - grad).norm() / max(float(grad.norm()), scale))
-        assert error <= 1e-5, f"gradient of {name} at step 1: relative error {error:.3g}"
+        assert error <= grad_tol, f"gradient of {name} at step 1: relative error {error:.3g}"
     assert got["eval"] == pytest.approx(ref["eval"], abs=1e-6), "held-out metrics after the steps"
     assert set(got["params"]) == set(ref["params"])
     for name, param in ref["params"].items():
         noise = ref["noise"].get(name, torch.zeros(param.shape, dtype=torch.bool))
-        close = torch.isclose(got["params"][name], param, rtol=1e-4, atol=1e-6)
+        close = torch.isclose(got["params"][name], param, rtol=1e-4, atol=param_atol)
         bad = ~close & ~noise
         assert not bad.any(), (
             f"{name} after {STEPS} steps: {int(bad.sum())} elements differ, largest by "
