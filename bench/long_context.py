@@ -36,13 +36,17 @@ filler sequence so n divides by U; see engine/parallel/context.py), Hq query hea
 head size D and b bytes per element, per rank:
   Ulysses (degree U, ring 1): 4 all-to-alls forward (q, k, v, output), each sending (U-1)/U of
     this rank's n/U-token tensor; KV heads fewer than U are first repeated to U heads:
-      forward = backward = (U-1)/U * (n/U) * D * (2 Hq + 2 max(Hkv, U)) * b       (Hkv >= U: 2 Hkv)
+      forward = backward = (U-1)/U * (n/U) * D * (2 Hq + 2 max(Hkv, U)) * b
   ring (degree R, Ulysses 1), as engine/parallel/ring.py implements it: the K/V block passes
     R-1 times forward; backward K/V pass R-1 times again and the float32 dK/dV accumulators R times:
       forward  = (R-1) * 2 * n * Hkv * D * b
       backward = (R-1) * 2 * n * Hkv * D * b + R * 2 * n * Hkv * D * 4
 The step's volume is layers x the sum over its forward passes (the query tower and the document
 tower) of forward + backward.
+
+The script exits 1 unless every rank sends exactly the analytic volume, a dispatcher-level count
+of c10d ops finds no traffic outside the counters, every rank's loss equals one process's
+(relative 1e-5: the same step was measured), and the degree-4 rule holds.
 """
 from __future__ import annotations
 
@@ -226,8 +230,8 @@ def release_free_memory() -> None:
         pass  # not glibc: the RSS baseline may include free heap
 
 
-def measure(args, setup: Setup) -> dict:
-    """Build the model on this rank, warm up, and measure one training step."""
+def build(args, setup: Setup):
+    """The task model on this rank, parallelized for the setup's layout, and its optimizer."""
     cfg, _ = compose(overrides(args, setup.layout))  # no data files: the batch is made here
     layout, device = setup.layout, torch.device("cpu")
     check_model_fits_layout(model_args(cfg.model), layout)
@@ -236,7 +240,12 @@ def measure(args, setup: Setup) -> dict:
     if layout.world_size > 1:
         parallelize(task, mesh, sequence_parallel=True)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
-    vocab = cfg.model.vocab_size
+    return task, optimizer, mesh, cfg.model.vocab_size
+
+
+def measure(args, setup: Setup) -> dict:
+    """Build the model on this rank, warm up, and measure one training step."""
+    task, optimizer, mesh, vocab = build(args, setup)
     training_step(task, optimizer, long_batch(args.warmup_tokens, vocab, seed=1))
 
     batch = long_batch(setup.tokens, vocab)
@@ -251,23 +260,27 @@ def measure(args, setup: Setup) -> dict:
         loss = training_step(task, optimizer, batch)
         seconds = time.perf_counter() - start
     max_rss_after = max_resident_bytes()
-
-    all_to_all = {"forward": 0, "backward": 0}
-    other: dict[str, float] = {}
-    for (_, _, _, phase, op), row in comm.rows.items():
-        if op == "all-to-all":
-            all_to_all[phase] += row[3]
-        else:
-            other[op] = other.get(op, 0.0) + row[3]
-    counted_calls = sum(row[0] for row in comm.rows.values()) + 2 * ring.messages  # a send and a recv each
     return {
         "rank": mesh.rank, "loss": loss, "seconds": seconds, "threads": torch.get_num_threads(),
         "saved_bytes": saved.bytes, "saved_parameter_bytes": saved.parameter_bytes,
         "peak_tensor_bytes": peak_live_bytes(prof),
         "rss_growth_bytes": max_rss_after - rss_before, "rss_peak_in_step": max_rss_after > max_rss_before,
-        "ulysses_bytes": all_to_all, "ring_bytes": ring.bytes, "other_bytes": other,
-        "calls_counted": counted_calls, "calls_seen": seen.calls,
+        "ring_bytes": ring.bytes, **collective_bytes(comm),
+        # Each ring message is a send and a receive at the dispatcher.
+        "calls_counted": sum(row[0] for row in comm.rows.values()) + 2 * ring.messages, "calls_seen": seen.calls,
     }
+
+
+def collective_bytes(comm: CommCounter) -> dict:
+    """The all-to-alls (Ulysses) by pass; every other collective (FSDP2, pooled sums) by kind."""
+    all_to_all = {"forward": 0.0, "backward": 0.0}
+    other: dict[str, float] = {}
+    for (_, _, _, phase, op), (_, _, _, sent) in comm.rows.items():
+        if op == "all-to-all":
+            all_to_all[phase] += sent
+        else:
+            other[op] = other.get(op, 0.0) + sent
+    return {"ulysses_bytes": all_to_all, "other_bytes": other}
 
 
 def _worker(rank: int, world: int, port: int, args, setup: Setup, out: str) -> None:

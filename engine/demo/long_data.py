@@ -23,14 +23,15 @@ import tempfile
 from pathlib import Path
 
 # Bump when the output changes for the same parameters, so stale caches rebuild.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TRAIN_FILE = "train.jsonl"
 MANIFEST_FILE = "manifest.json"
 
-# Filler vocabulary: plain ASCII words, so bytes == characters == byte-tokenizer tokens.
+# Filler vocabulary: plain ASCII words without "no" or "ye", which the byte-level tokenizer merges
+# into one token (for "yes"/"no"), so that bytes == byte-tokenizer tokens.
 _SUBJECTS = ("the keeper", "a clerk", "the old surveyor", "the night guard", "a courier", "the archivist")
 _VERBS = ("walked past", "counted", "wrote about", "repaired", "locked", "described", "measured")
-_OBJECTS = ("the north corridor", "a row of shelves", "the brass ledger", "the east stairwell",
+_OBJECTS = ("the west corridor", "a row of shelves", "the brass ledger", "the east stairwell",
             "an empty cabinet", "the lamp by the door", "the map of the lower rooms")
 _TAILS = ("before dawn", "without a word", "twice that week", "as the rain began", "in the usual order")
 _CODE_WORDS = ("amber", "birch", "cobalt", "delta", "ember", "flint", "granite", "harbor", "indigo", "juniper")
