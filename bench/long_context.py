@@ -76,7 +76,7 @@ from engine.cli import compose  # noqa: E402
 from engine.data.batch import EmbeddingBatch, PackedSequences  # noqa: E402
 from engine.parallel import ring as ring_module  # noqa: E402
 from engine.parallel.layout import Layout, check_model_fits_layout  # noqa: E402
-from engine.parallel.mesh import init_mesh  # noqa: E402
+from engine.parallel.mesh import init_mesh, leave_process  # noqa: E402
 from engine.parallel.parallelize import parallelize  # noqa: E402
 from engine.train.build import build_task_model, load_tokenizer, model_args  # noqa: E402
 
@@ -300,10 +300,7 @@ def _worker(rank: int, world: int, port: int, args, setup: Setup, out: str) -> N
     except BaseException:
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Leave without interpreter finalization: gloo's threads can abort a finished process (pytorch#179291).
-    os._exit(code)
+    leave_process(code)
 
 
 def run(args, setup: Setup) -> list[dict]:

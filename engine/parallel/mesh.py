@@ -117,3 +117,13 @@ def init_mesh(layout: Layout, device: torch.device) -> ParallelMesh:
 def shutdown(mesh: ParallelMesh) -> None:
     if mesh.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_process(code: int) -> None:
+    """Exit a spawned rank without interpreter finalization: gloo's worker threads still holding
+    tensors can abort a process that finished its work (pytorch#179291)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -11,7 +11,6 @@ and exits 1, so mp.spawn fails the test naming the rank.
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.parallel.mesh import leave_process
 from tests.conftest import free_port
 
 
@@ -41,6 +41,4 @@ def _entry(rank: int, fn, world: int, port: int, timeout_s: int, args: tuple) ->
     except BaseException:
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave_process(code)
