@@ -108,8 +108,22 @@ def run_cli(main: Callable[[list[str]], int | None], config_name: str = "train")
     except user_error_types() as err:
         prefix = "config error: " if isinstance(err, ConfigError) else ""
         print(f"{rank_prefix()}{prefix}{err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
+        code = 130
+    _exit(code or 0)
+
+
+def _exit(code: int) -> None:
+    """One of several ranks leaves without interpreter finalization: gloo's worker threads can
+    abort a rank that finished its work while Python tears down (pytorch#179291), which turned
+    a finished run into a failed one under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    import logging
+
+    from engine.parallel.mesh import leave_process
+
+    logging.shutdown()
+    leave_process(code)

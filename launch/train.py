@@ -35,10 +35,13 @@ def main(argv: list[str]) -> int:
     layout = layout_from_config(cfg.parallel, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_trainable_layout(cfg, layout, model_args(cfg.model))
     mesh = init_mesh(layout, resolve_device(cfg.train.device))
+    finished = False
     try:
-        return _train(cfg, config_yaml, mesh)
+        code = _train(cfg, config_yaml, mesh)
+        finished = code == 0
+        return code
     finally:
-        shutdown(mesh)
+        shutdown(mesh, finished=finished)
 
 
 def _train(cfg, config_yaml: str, mesh) -> int:

@@ -114,8 +114,12 @@ def init_mesh(layout: Layout, device: torch.device) -> ParallelMesh:
     return ParallelMesh(layout, device_mesh, dp_sp_mesh, cp_mesh)
 
 
-def shutdown(mesh: ParallelMesh) -> None:
+def shutdown(mesh: ParallelMesh, *, finished: bool = False) -> None:
+    """Destroy the process group; ranks that all finished meet at a barrier first, so none
+    tears its group down while another still sends (a failed rank must not wait there)."""
     if mesh.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
