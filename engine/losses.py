@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.infonce import candidate_lse, positive_scores
+
 
 class LossInputError(ValueError):
     """Tensors handed to a loss have shapes or values that cannot mean what the caller intended."""
@@ -28,6 +30,7 @@ def info_nce(
     doc_doc: bool = False,
     query_offset: int = 0,
     all_queries: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     r"""InfoNCE with hard negatives, in-batch negatives and the Qwen3-Embedding extra terms.
 
@@ -55,6 +58,10 @@ def info_nce(
     whose mask m_ij drops any extra term scoring above the positive plus a margin (0.1 there).
     query_query draws q_j from `all_queries` (one query per group of d, so row g_i is q_i)
     when given, else from q itself; pass all-gathered queries for a layout-independent loss.
+
+    `backend` picks what computes the query-document term (kernels.infonce: "torch" = the
+    chunked PyTorch path, "triton", "auto" = the module default set by set_infonce_backend,
+    itself "auto" = Triton on CUDA, PyTorch elsewhere). Every backend gives the same loss.
     """
     _check_info_nce_inputs(q, d, group_size, temperature, query_offset, all_queries)
     num_queries = q.shape[0]
@@ -63,32 +70,37 @@ def info_nce(
     own_group = query_offset + rows  # (B,) global group index of each query
     positive_col = own_group * group_size
 
-    query_doc = q32 @ d32.T  # (B, N*G) raw similarities
-    positive = query_doc[rows, positive_col]  # (B,)
+    positive = positive_scores(q, d, positive_col)  # (B,)
+    positive_logit = positive / temperature
     # The mask is a data decision, not part of the function being differentiated.
     threshold = None if false_negative_margin is None else (positive.detach() + false_negative_margin)[:, None]
-
-    with torch.no_grad():
-        doc_group = torch.arange(d.shape[0], device=d.device) // group_size  # (N*G,)
-        keep = _below(query_doc, threshold)
-        if not in_batch_negatives:
-            keep &= doc_group[None, :] == own_group[:, None]
-        keep[rows, positive_col] = True
-    blocks = [query_doc.masked_fill(~keep, float("-inf"))]
+    outside_pool = [positive_logit]  # (B,) log-sum-exps of the terms that are not query-document pairs
 
     if query_query:
         query_pool = q32 if all_queries is None else all_queries.float()
         self_col = rows if all_queries is None else own_group
         query_query_sim = q32 @ query_pool.T  # (B, B) or (B, N)
-        blocks.append(_drop_self_and_false_negatives(query_query_sim, self_col, threshold))
+        block = _drop_self_and_false_negatives(query_query_sim, self_col, threshold)
+        outside_pool.append(torch.logsumexp(block / temperature, dim=1))
 
     if doc_doc:
         positives = d32[::group_size]  # (N, H)
         doc_doc_sim = positives[own_group] @ positives.T  # (B, N)
-        blocks.append(_drop_self_and_false_negatives(doc_doc_sim, own_group, threshold))
+        block = _drop_self_and_false_negatives(doc_doc_sim, own_group, threshold)
+        outside_pool.append(torch.logsumexp(block / temperature, dim=1))
 
-    logits = torch.cat(blocks, dim=1) / temperature  # (B, all candidates)
-    per_query = torch.logsumexp(logits, dim=1) - positive / temperature  # (B,)
+    # The query-document block is the big one (B x N*G): a kernel computes its log-sum-exp
+    # without building it (kernels/infonce). The positive and the small extra blocks join
+    # inside that sum (extra_lse): a fully masked block gives -inf, an absent term; every
+    # query then hands the kernel the same upstream gradient, 1/B, which keeps its
+    # backward at three matrix products; and a query left with its positive alone gets
+    # exactly zero loss, since the kernel leaves the positive out of its own terms.
+    extra = outside_pool[0] if len(outside_pool) == 1 else torch.logsumexp(torch.stack(outside_pool), dim=0)
+    lse = candidate_lse(
+        q, d, positive_col, temperature=temperature, group_size=None if in_batch_negatives else group_size,
+        false_negative_margin=false_negative_margin, exclude_positive=True, extra_lse=extra, backend=backend,
+    )
+    per_query = lse - positive_logit  # (B,)
     return per_query.mean()
 
 

@@ -2,18 +2,25 @@
 
 The model calls `attention(...)` and never names a backend; the run picks one with
 `set_default_backend(cfg.model.attn_backend)` (or `with use_backend(name):` in a test).
-A backend is any function with attention_reference's signature. New ones (Triton,
-flash-attn, ring) register themselves with `register_backend(name, "module:function")`
-and are imported on first use only, so a missing optional package costs nothing until
-someone asks for it.
+A backend is any function with attention_reference's signature, plus optionally the per-block
+pair ring attention uses (block.py's contract). Backends register as "module:function" and
+are imported on first use only, so a missing optional package costs nothing until someone
+asks for it, and then one line names it.
 
-'auto' takes, for the device of q, the first registered backend in _AUTO_PREFERENCE;
-today that is always 'torch'.
+    torch, sdpa   reference.py (PyTorch SDPA per length bucket) and block.py: CPU, any device
+    triton        triton.py: FlashAttention-2 kernels (GPU, or CPU under TRITON_INTERPRET=1)
+    flash_attn    flash.py: the flash-attn package (CUDA, float16/bfloat16)
+
+'auto' takes, for the device of q, the first backend in _AUTO_PREFERENCE whose package is
+importable (checked without importing it): flash_attn, then triton, then torch on CUDA;
+torch on CPU.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import importlib.util
 from typing import Callable, Iterator
 
 from torch import Tensor
@@ -28,8 +35,13 @@ class UnknownBackendError(ValueError):
 # name -> the function, or "module:function" until it is first used
 _REGISTRY: dict[str, AttentionFn | str] = {
     "torch": "kernels.attention.reference:attention_reference",
+    "sdpa": "kernels.attention.reference:attention_reference",  # the name configs use for PyTorch's SDPA
+    "triton": "kernels.attention.triton:attention_triton",
+    "flash_attn": "kernels.attention.flash:attention_flash",
 }
-# device type -> backends 'auto' tries in order (only registered names count)
+# name -> the top-level package it needs; 'auto' skips a backend whose package is not installed
+_REQUIRES: dict[str, str] = {"triton": "triton", "flash_attn": "flash_attn"}
+# device type -> backends 'auto' tries in order (only registered ones whose package is installed count)
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("flash_attn", "triton", "torch"),
     "cpu": ("torch",),
@@ -38,15 +50,21 @@ _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 # (see block.py); a backend without an entry cannot serve ring attention.
 _BLOCK_REGISTRY: dict[str, tuple[Callable | str, Callable | str]] = {
     "torch": ("kernels.attention.block:block_forward", "kernels.attention.block:block_backward"),
+    "sdpa": ("kernels.attention.block:block_forward", "kernels.attention.block:block_backward"),
+    "triton": ("kernels.attention.triton:block_forward", "kernels.attention.triton:block_backward"),
+    "flash_attn": ("kernels.attention.flash:block_forward", "kernels.attention.flash:block_backward"),
 }
 _default_backend = "auto"
 
 
-def register_backend(name: str, fn: AttentionFn | str) -> None:
-    """Add or replace a backend; `fn` may be "package.module:function" to import lazily."""
+def register_backend(name: str, fn: AttentionFn | str, requires: str | None = None) -> None:
+    """Add or replace a backend; `fn` may be "package.module:function" to import lazily, and
+    `requires` names the package without which 'auto' passes it over."""
     if name == "auto":
         raise ValueError("attention backend name 'auto' is reserved for the automatic choice")
     _REGISTRY[name] = fn
+    if requires is not None:
+        _REQUIRES[name] = requires
 
 
 def available_backends() -> list[str]:
@@ -84,7 +102,7 @@ def resolve_backend(name: str, device_type: str) -> str:
     if name != "auto":
         return name
     for candidate in _AUTO_PREFERENCE.get(device_type, ("torch",)):
-        if candidate in _REGISTRY:
+        if candidate in _REGISTRY and _installed(_REQUIRES.get(candidate)):
             return candidate
     return "torch"
 
@@ -147,6 +165,12 @@ def _import(name: str, target: str) -> Callable:
         return getattr(importlib.import_module(module_name), attr)
     except ImportError as e:
         raise UnknownBackendError(f"attention backend {name!r} could not be imported ({e})") from e
+
+
+@functools.lru_cache(maxsize=None)
+def _installed(package: str | None) -> bool:
+    """Whether `package` could be imported, without importing it (triton alone takes seconds)."""
+    return package is None or importlib.util.find_spec(package) is not None
 
 
 def _check_name(name: str) -> None:

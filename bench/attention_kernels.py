@@ -1,0 +1,131 @@
+"""Attention back-ends on one GPU: time, TFLOP/s and peak memory of forward and forward + backward.
+
+    python bench/attention_kernels.py                         # 4K..32K tokens, Hq 32, Hkv 8, D 128, bf16, causal
+    python bench/attention_kernels.py --tokens 8192 --seqs 4 --bidirectional --backends triton sdpa
+
+Each row packs --seqs equal sequences into one varlen stream of --tokens tokens and runs it through
+kernels.attention's dispatcher by name: triton (kernels/attention/triton.py, autotuned; the first
+call per shape tunes and is excluded by the warm-up), flash_attn (when installed), sdpa (PyTorch's
+scaled_dot_product_attention per length bucket, reference.py) and naive (explicit fp32 scores,
+reference.py's return_lse path: O(L^2) memory, skipped past --naive-max tokens per sequence).
+
+FLOPs are the usual attention count: forward 4 * Lq * Lk * Hq * D per sequence (two matrix
+products), halved under causal masking; backward 2.5x the forward (five products against two),
+so forward + backward = 3.5x. Memory is the peak allocated during the call above what the inputs
+already hold. On a machine without CUDA the script says so and exits: absolute GPU figures are
+only quoted when measured on a GPU (docs/performance.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.attention import attention  # noqa: E402
+from kernels.attention.dispatch import _installed  # noqa: E402
+
+BACKENDS = ("triton", "flash_attn", "sdpa", "naive")
+
+
+def attention_flops(seq_len: int, num_seqs: int, q_heads: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs of attention over num_seqs sequences of seq_len tokens."""
+    flops = 4.0 * seq_len * seq_len * q_heads * head_dim * num_seqs
+    return flops / 2 if causal else flops
+
+
+def run_attention_backend(name: str, q, k, v, cu, max_seqlen: int, causal: bool, backward: bool):
+    """One call of backend `name` (and its backward when asked)."""
+    if name == "naive":  # reference.py's explicit-scores path: the O(L^2) baseline
+        out, _ = attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, causal=causal, backend="torch",
+                           return_lse=True)
+    else:
+        out = attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, causal=causal, backend=name)
+    if backward:
+        out.backward(torch.ones_like(out))
+    return out
+
+
+def measure(fn, repeats: int) -> tuple[float, int]:
+    """(milliseconds per call, peak bytes allocated above the state before the timed calls)."""
+    fn()  # warm-up: compilation and autotuning
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats, torch.cuda.max_memory_allocated() - base
+
+
+def attention_section(args) -> list[dict]:
+    """The attention rows of the kernel benchmark; prints a table and returns the rows."""
+    if not torch.cuda.is_available():
+        print("attention kernels: needs a CUDA GPU (none here); the Triton kernels' CPU tests run under "
+              "TRITON_INTERPRET=1 in tests/kernels/test_attention_triton.py")
+        return []
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    causal = not args.bidirectional
+    print(f"attention kernels on {torch.cuda.get_device_name()}: Hq {args.q_heads}, Hkv {args.kv_heads}, "
+          f"D {args.head_dim}, {args.dtype}, {'causal' if causal else 'bidirectional'}, {args.seqs} seqs per stream")
+    print(f"{'tokens':>7} {'backend':>10} {'fwd ms':>8} {'fwd TF/s':>9} {'fwd MiB':>8} {'f+b ms':>8} "
+          f"{'f+b TF/s':>9} {'f+b MiB':>8}")
+    rows = []
+    for tokens in args.tokens:
+        seq_len = tokens // args.seqs
+        cu = torch.arange(0, args.seqs + 1, device=device, dtype=torch.int32) * seq_len
+        generator = torch.Generator(device=device).manual_seed(0)
+        make = lambda heads: torch.randn(seq_len * args.seqs, heads, args.head_dim, device=device, dtype=dtype,
+                                         generator=generator)
+        q, k, v = make(args.q_heads), make(args.kv_heads), make(args.kv_heads)
+        forward_flops = attention_flops(seq_len, args.seqs, args.q_heads, args.head_dim, causal)
+        for name in args.backends:
+            if name == "flash_attn" and not _installed("flash_attn"):
+                print(f"{tokens:>7} {name:>10}  (flash-attn is not installed)")
+                continue
+            if name == "naive" and seq_len > args.naive_max:
+                print(f"{tokens:>7} {name:>10}  (skipped: {seq_len}^2 scores per head, above --naive-max)")
+                continue
+            row = {"tokens": tokens, "backend": name}
+            try:
+                with torch.no_grad():
+                    ms, peak = measure(lambda: run_attention_backend(name, q, k, v, cu, seq_len, causal, False),
+                                       args.repeats)
+                row.update(fwd_ms=ms, fwd_tflops=forward_flops / ms / 1e9, fwd_mib=peak / 2**20)
+                leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+                ms, peak = measure(lambda: run_attention_backend(name, *leaves, cu, seq_len, causal, True),
+                                   args.repeats)
+                row.update(fb_ms=ms, fb_tflops=3.5 * forward_flops / ms / 1e9, fb_mib=peak / 2**20)
+            except torch.OutOfMemoryError:
+                print(f"{tokens:>7} {name:>10}  (out of memory)")
+                torch.cuda.empty_cache()
+                continue
+            rows.append(row)
+            print(f"{tokens:>7} {name:>10} {row['fwd_ms']:>8.2f} {row['fwd_tflops']:>9.1f} {row['fwd_mib']:>8.0f} "
+                  f"{row['fb_ms']:>8.2f} {row['fb_tflops']:>9.1f} {row['fb_mib']:>8.0f}")
+    return rows
+
+
+def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--seqs", type=int, default=1, help="equal sequences packed into each stream")
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--bidirectional", action="store_true")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--naive-max", type=int, default=8192, help="longest sequence the naive path runs")
+    parser.add_argument("--repeats", type=int, default=5)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_attention_arguments(parser)
+    attention_section(parser.parse_args())
