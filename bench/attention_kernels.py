@@ -1,7 +1,8 @@
-"""Attention back-ends on one GPU: time, TFLOP/s and peak memory of forward and forward + backward.
+"""The attention section of bench/kernels.py: back-ends on one GPU, time, TFLOP/s and peak memory of
+forward and forward + backward.
 
-    python bench/attention_kernels.py                         # 4K..32K tokens, Hq 32, Hkv 8, D 128, bf16, causal
-    python bench/attention_kernels.py --tokens 8192 --seqs 4 --bidirectional --backends triton sdpa
+    python bench/kernels.py --what attention                  # 4K..32K tokens, Hq 32, Hkv 8, D 128, bf16, causal
+    python bench/kernels.py --what attention --tokens 8192 --seqs 4 --bidirectional --backends triton sdpa
 
 Each row packs --seqs equal sequences into one varlen stream of --tokens tokens and runs it through
 kernels.attention's dispatcher by name: triton (kernels/attention/triton.py, autotuned; the first
@@ -18,12 +19,7 @@ only quoted when measured on a GPU (docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.attention import attention  # noqa: E402
 from kernels.attention.dispatch import _installed  # noqa: E402
@@ -96,11 +92,11 @@ def attention_section(args) -> list[dict]:
             try:
                 with torch.no_grad():
                     ms, peak = measure(lambda: run_attention_backend(name, q, k, v, cu, seq_len, causal, False),
-                                       args.repeats)
+                                       args.repeats or 5)
                 row.update(fwd_ms=ms, fwd_tflops=forward_flops / ms / 1e9, fwd_mib=peak / 2**20)
                 leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
                 ms, peak = measure(lambda: run_attention_backend(name, *leaves, cu, seq_len, causal, True),
-                                   args.repeats)
+                                   args.repeats or 5)
                 row.update(fb_ms=ms, fb_tflops=3.5 * forward_flops / ms / 1e9, fb_mib=peak / 2**20)
             except torch.OutOfMemoryError:
                 print(f"{tokens:>7} {name:>10}  (out of memory)")
@@ -113,6 +109,7 @@ def attention_section(args) -> list[dict]:
 
 
 def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
+    """Attention's options on bench/kernels.py's command line (--repeats is shared with InfoNCE)."""
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--seqs", type=int, default=1, help="equal sequences packed into each stream")
     parser.add_argument("--q-heads", type=int, default=32)
@@ -122,10 +119,3 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bidirectional", action="store_true")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--naive-max", type=int, default=8192, help="longest sequence the naive path runs")
-    parser.add_argument("--repeats", type=int, default=5)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_attention_arguments(parser)
-    attention_section(parser.parse_args())

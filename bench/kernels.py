@@ -3,6 +3,7 @@
     python bench/kernels.py --what infonce                 # CPU: B = N in 8192..65536, d = 1024
     python bench/kernels.py --what infonce --sizes 8192 --repeats 3
     python bench/kernels.py --what infonce --tiles         # the chunked path's tile-size sweep
+    python bench/kernels.py --what attention              # GPU: triton vs flash_attn, sdpa, naive
     python bench/kernels.py --what all
 
 Times are wall seconds of one forward + backward (CPU seconds beside them: on a shared
@@ -38,6 +39,8 @@ sys.path.insert(0, REPO)
 
 from kernels.infonce import chunked as infonce_chunked  # noqa: E402
 from kernels.infonce import info_nce_loss  # noqa: E402
+
+from bench.attention_kernels import add_attention_arguments, attention_section  # noqa: E402
 
 # ---- process memory (Linux) ---------------------------------------------------------------------
 
@@ -131,7 +134,7 @@ def infonce_section(args) -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     methods = ["naive", "triton"] if device == "cuda" else ["naive", "torch"]
-    print(f"InfoNCE, {device}, d = {args.dim}, float32, forward + backward, {args.repeats} run(s) per case "
+    print(f"InfoNCE, {device}, d = {args.dim}, float32, forward + backward, {args.repeats or 1} run(s) per case "
           f"(best time shown), each in a fresh process")
     print(f"{'B = N':>7} | {'method':>7} | {'seconds':>8} | {'CPU s':>7} | {'peak growth':>11} | "
           f"{'vs naive time':>13} | {'vs naive memory':>15}")
@@ -145,7 +148,7 @@ def infonce_section(args) -> None:
                           f"more than this machine has available")
                     continue
             runs = [run_case(dict(kernel="infonce", method=method, size=num, dim=args.dim, dtype="float32",
-                                  device=device)) for _ in range(args.repeats)]
+                                  device=device)) for _ in range(args.repeats or 1)]
             good = [r for r in runs if "error" in r] or [min(runs, key=lambda r: r["seconds"])]
             rows[method] = good[0]
         for method, r in rows.items():
@@ -165,11 +168,11 @@ def infonce_section(args) -> None:
 def infonce_tile_sweep(args) -> None:
     """The chunked path's time and memory against its tile size (TILE_ELEMENTS), at args.sizes[0]."""
     num = args.sizes[0]
-    print(f"chunked InfoNCE tile sweep, cpu, B = N = {num}, d = {args.dim}, best of {args.repeats}")
+    print(f"chunked InfoNCE tile sweep, cpu, B = N = {num}, d = {args.dim}, best of {args.repeats or 1}")
     print(f"{'TILE_ELEMENTS':>13} | {'rows':>5} | {'seconds':>8} | {'CPU s':>7} | {'peak growth':>11}")
     for exponent in (21, 22, 23, 24):
         runs = [run_case(dict(kernel="infonce", method="torch", size=num, dim=args.dim, dtype="float32",
-                              device="cpu", tile_elements=2**exponent)) for _ in range(args.repeats)]
+                              device="cpu", tile_elements=2**exponent)) for _ in range(args.repeats or 1)]
         best = min(runs, key=lambda r: r.get("seconds", float("inf")))
         if "error" in best:
             print(f"{'2^' + str(exponent):>13} | failed: {best['error']}")
@@ -177,13 +180,6 @@ def infonce_tile_sweep(args) -> None:
         print(f"{'2^' + str(exponent):>13} | {min(num, 2**exponent // num):>5} | {best['seconds']:>8.2f} | "
               f"{best['cpu_seconds']:>7.1f} | {best['peak_bytes'] / 2**20:>7.0f} MiB")
         sys.stdout.flush()
-
-
-# ---- attention ----------------------------------------------------------------------------------
-
-
-def attention_section(args) -> None:
-    print("attention: no benchmark yet (issue 5's attention kernel adds its section here)")
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -198,8 +194,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536],
                         help="InfoNCE: B = N values")
     parser.add_argument("--dim", type=int, default=1024, help="InfoNCE: embedding width d")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per case; the best time is kept")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per case (InfoNCE: best time kept, default 1; attention: mean, default 5)")
     parser.add_argument("--tiles", action="store_true", help="InfoNCE: sweep the chunked path's tile size instead")
+    add_attention_arguments(parser)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:

@@ -13,6 +13,10 @@ from typing import Any, Optional
 from omegaconf import MISSING  # noqa: F401  (re-exported for conf schemas)
 
 
+INFONCE_KERNELS = ("auto", "triton", "torch")
+ATTENTION_KERNELS = ("auto", "triton", "flash_attn", "sdpa")
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake; launchers print its message as one line."""
 
@@ -39,8 +43,16 @@ class ModelConfig:
     tokenizer: str = ""  # tokenizer folder for random-init models; "" = byte-level test tokenizer
     # Behaviour
     causal: bool = True  # false = bidirectional attention (some embedding recipes)
-    attn_backend: str = "auto"  # auto | torch (the kernels dispatcher picks Triton/flash on GPU later)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+
+
+@dataclass
+class KernelsConfig:
+    # Which implementation computes the two hot spots; every choice gives the same results within
+    # floating-point tolerance. auto = Triton on CUDA (flash-attn first for attention, when it is
+    # installed), PyTorch on CPU. Triton on CPU tensors needs TRITON_INTERPRET=1 (tests: slow).
+    infonce: str = "auto"  # auto | triton | torch (the chunked PyTorch path)
+    attention: str = "auto"  # auto | triton | flash_attn | sdpa (PyTorch's scaled_dot_product_attention)
 
 
 @dataclass
@@ -154,6 +166,7 @@ class ExportConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +200,8 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     _one_of("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
     _one_of("model.family", m.family, ("llama", "qwen2", "qwen3", "mistral"))
     _one_of("export.dtype", cfg.export.dtype, ("float32", "bfloat16", "float16"))
+    _one_of("kernels.infonce", cfg.kernels.infonce, INFONCE_KERNELS)
+    _one_of("kernels.attention", cfg.kernels.attention, ATTENTION_KERNELS)
     _positive("task.temperature", t.temperature)
     _positive("task.num_negatives", t.num_negatives, allow_zero=True)
     _positive("train.batch_size", tr.batch_size)

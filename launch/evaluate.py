@@ -52,9 +52,11 @@ def main(argv: list[str]) -> int:
     from engine.data.formats import load_examples
     from engine.train.build import autocast_dtype, resolve_device
     from engine.train.evaluate import evaluate_task
+    from engine.train.kernels import select_kernels
 
     examples = load_examples(cfg.data.eval, on_error=cfg.data.on_error)
     device = resolve_device(cfg.train.device)
+    select_kernels(cfg.kernels, device)
     task, text_encoder = load_task_model(cfg.model.path, cfg.task, cfg.data, cfg.model.causal, device)
     print(f"evaluating {cfg.model.path} ({cfg.task.type}) on {len(examples)} queries from {cfg.data.eval}",
           file=sys.stderr)

@@ -60,21 +60,10 @@ def model_args(cfg: ModelConfig):
     return ModelArgs.from_model_config(cfg)
 
 
-def select_attention_backend(name: str) -> None:
-    """model.attn_backend: which kernels.attention backend every layer uses (auto = by device)."""
-    from kernels.attention import UnknownBackendError, set_default_backend
-
-    try:
-        set_default_backend(name)
-    except UnknownBackendError as err:
-        raise ConfigError(f"model.attn_backend={name!r}: {err}") from None
-
-
 def build_backbone(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int):
     from engine.model.hf_io import load_pretrained
     from engine.model.transformer import Transformer
 
-    select_attention_backend(cfg.attn_backend)
     if cfg.path:
         model = load_pretrained(cfg.path, causal=cfg.causal, dtype=dtype, device=device)
     else:
@@ -114,6 +103,5 @@ def build_task_model(cfg: RunConfig, device: torch.device, tokenizer, meta_backb
 def meta_backbone_from(cfg: ModelConfig, dtype: torch.dtype):
     from engine.model.hf_io import meta_model
 
-    select_attention_backend(cfg.attn_backend)
     backbone = meta_model(cfg.path, causal=cfg.causal).to(dtype=dtype)
     return backbone

@@ -33,6 +33,7 @@ from engine.parallel.load import fill_meta_parameters
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.parallelize import parallelize
 from engine.train.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
+from engine.train.kernels import select_kernels
 from engine.train.evaluate import evaluate_task
 from engine.train.grad_cache import grad_cache_step
 from engine.train.logger import MetricsLogger
@@ -72,6 +73,7 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.autocast_dtype = autocast_dtype(cfg.model, self.device)
+        self.kernels = select_kernels(cfg.kernels, self.device)
         # A bad or conflicting resume request fails before any data or model is loaded.
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.run_dir)
 
@@ -97,6 +99,7 @@ class Trainer:
         self.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable on {self.device}; "
             f"layout {self.mesh.describe()}"
             + (f", sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}" if self.mesh.tp > 1 else ""))
+        self.log(f"kernels: attention {self.kernels['attention']}, infonce {self.kernels['infonce']}")
 
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)

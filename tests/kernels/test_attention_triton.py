@@ -3,11 +3,12 @@
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set below, before triton
 is imported), with tiny shapes and 16 x 16 tiles: the interpreter runs every program instance in
 Python. With a GPU the same tests run natively, and the GPU-only ones (bfloat16, head dims
-64/128/256, autotuned tiles) run too.
+64/128/256 at sequence lengths up to 1024 with autotuned tiles) run too.
 
 The stories, each against an independent reference:
 - plain varlen attention equals reference.py (out, lse, and dq/dk/dv including the lse's own
   gradient): causal and bidirectional, lengths 1 to 35 across tile edges, GQA ratios 1, 4, 8;
+  the models' head dims 64, 128 and 256 on short sequences;
 - blocks with different query and key lengths, empty segments included, equal the float64
   textbook of test_attention_block.py; causal blocks with Lq < Lk are the last Lq rows of causal
   attention over Lk tokens (bottom-right alignment);
@@ -51,8 +52,8 @@ DEVICE = "cuda" if GPU else "cpu"
 TILES = dict(block_m=16, block_n=16)  # tl.dot's smallest tile: the fewest interpreted instructions
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: bfloat16 (wrong in the interpreter), head dims "
-                                               "64-256 and autotuned tiles are too slow or unsupported there")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: bfloat16 (wrong in the interpreter), and "
+                                               "autotuned tiles at lengths too slow for the interpreter")
 
 
 def rand(rows: int, heads: int, dim: int, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -102,6 +103,27 @@ def test_attention_matches_reference(causal, dtype, q_heads, kv_heads, head_dim)
     assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
     for name, got, want in zip("qkv", grads, ref_grads):
         assert got.dtype == dtype, f"d{name} is {got.dtype}"
+        assert_close(got, want, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_model_head_dims_match_reference(head_dim, dtype):
+    """The head dims of the supported families (Llama/Mistral/Qwen 128, small models 64, some 256),
+    causal with GQA 2 on two short sequences: a head-dim tiling mistake is an order-one error."""
+    lengths = [3, 17]
+    generator = torch.Generator().manual_seed(head_dim)
+    total, cu = sum(lengths), cu_seqlens(lengths).to(DEVICE)
+    q, grad = rand(total, 2, head_dim, generator, dtype), rand(total, 2, head_dim, generator, dtype)
+    k, v = rand(total, 1, head_dim, generator, dtype), rand(total, 1, head_dim, generator, dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = attention_triton(*leaves, cu_seqlens=cu, max_seqlen=max(lengths), causal=True, **TILES)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ref_out = attention_reference(*ref_leaves, cu_seqlens=cu, max_seqlen=max(lengths), causal=True)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad.float())
+    assert_close(out, ref_out, dtype, "out")
+    for name, got, want in zip("qkv", grads, ref_grads):
         assert_close(got, want, dtype, f"d{name}")
 
 
