@@ -32,14 +32,12 @@ import inspect
 import json
 import os
 import re
-import socket
 import sys
 import tempfile
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -51,6 +49,7 @@ from engine.parallel import collectives as parallel_collectives  # noqa: E402
 from engine.parallel import tensor as parallel_tensor  # noqa: E402
 from engine.parallel.layout import layout_from_config  # noqa: E402
 from engine.parallel.mesh import init_mesh  # noqa: E402
+from engine.parallel.spawn import spawn_ranks  # noqa: E402
 from engine.train.trainer import Trainer  # noqa: E402
 
 # ---- what one collective moves ------------------------------------------------------------------
@@ -298,17 +297,9 @@ def measure(args, tp: int, sp: bool, world: int, data: str, run_dir: str) -> dic
     }
 
 
-def _worker(rank: int, world: int, port: int, args, data: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _measure_rank(rank: int, world: int, args, data: str, out: str) -> list[dict]:
     tp = world // args.dp
-    results = [measure(args, tp, sp, world, data, os.path.join(out, f"run-{sp}-{rank}")) for sp in args.sp]
-    if rank == 0:
-        with open(os.path.join(out, f"tp{tp}.json"), "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    return [measure(args, tp, sp, world, data, os.path.join(out, f"run-{sp}-{rank}")) for sp in args.sp]
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -362,12 +353,6 @@ def report(result: dict) -> dict:
             "complete": result["calls_counted"] == result["calls_seen"] and spread == 0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
@@ -394,9 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         data = write_data(out, 4 * args.batch)
         for tp in args.tp:
             world = tp * args.dp
-            mp.spawn(_worker, args=(world, _free_port(), args, data, out), nprocs=world, join=True)
-            with open(os.path.join(out, f"tp{tp}.json")) as f:
-                for result in json.load(f):
+            for result in spawn_ranks(_measure_rank, world, args, data, out, timeout_s=600)[0]:
                     ratios = report(result)
                     name = f"tp{tp}{' sp' if result['sp'] else ''}"
                     summary.append((name, ratios))

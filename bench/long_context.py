@@ -58,26 +58,22 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.comm import CommCounter, DispatchedCollectives, _free_port  # noqa: E402
+from bench.comm import CommCounter, DispatchedCollectives  # noqa: E402
 from engine.cli import compose  # noqa: E402
 from engine.data.batch import EmbeddingBatch, PackedSequences  # noqa: E402
 from engine.parallel import ring as ring_module  # noqa: E402
 from engine.parallel.layout import Layout, check_model_fits_layout  # noqa: E402
-from engine.parallel.mesh import init_mesh, leave_process  # noqa: E402
+from engine.parallel.mesh import init_mesh  # noqa: E402
 from engine.parallel.parallelize import parallelize  # noqa: E402
+from engine.parallel.spawn import spawn_ranks  # noqa: E402
 from engine.train.build import build_task_model, load_tokenizer, model_args  # noqa: E402
 
 MiB = 1024**2
@@ -283,35 +279,13 @@ def collective_bytes(comm: CommCounter) -> dict:
     return {"ulysses_bytes": all_to_all, "other_bytes": other}
 
 
-def _worker(rank: int, world: int, port: int, args, setup: Setup, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), TOKENIZERS_PARALLELISM="false")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the machine's cores
-    code = 0
-    try:
-        if world > 1:
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
-        result = measure(args, setup)
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    leave_process(code)
+def _measure_rank(rank: int, world: int, args, setup: Setup) -> dict:
+    return measure(args, setup)
 
 
 def run(args, setup: Setup) -> list[dict]:
-    """The configuration on `degree` fresh processes; their results in rank order."""
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(setup.degree, _free_port(), args, setup, out), nprocs=setup.degree, join=True)
-        results = []
-        for rank in range(setup.degree):
-            with open(os.path.join(out, f"rank{rank}.json")) as f:
-                results.append(json.load(f))
-    return results
+    """The configuration on `degree` fresh processes (the machine's cores shared); results in rank order."""
+    return spawn_ranks(_measure_rank, setup.degree, args, setup, timeout_s=args.timeout, threads=None)
 
 
 # ---- analytic volumes -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -63,8 +62,3 @@ def read_metrics(run_dir) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now, for a spawned process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

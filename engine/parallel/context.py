@@ -95,6 +95,7 @@ class ContextParallel:
         # The ring-local stream splits into ulysses slices, each of them into tp slices under
         # Megatron sequence parallelism.
         self.tokens_multiple = self.ulysses * tokens_multiple
+        self._plan_key = None  # (cu_seqlens, seq_lens, causal, ring block plan) of the last stream
 
     def shard(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor) -> LocalStream:
         ring = shard_for_ring(cu_seqlens, self.ring, self.ring_rank, self.causal)
@@ -131,12 +132,23 @@ class ContextParallel:
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # the whole ring-local stream, some heads
             if self.ring > 1:
                 return ring_attention(q, k, v, cu_seqlens=cu_seqlens, seq_lens=seq_lens, causal=causal,
-                                      group=self.ring_group)
+                                      group=self.ring_group, plan=self._ring_plan(cu_seqlens, seq_lens, causal))
             return attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, causal=causal)
 
         if self.ulysses > 1:
             return ulysses_attention(q, k, v, group=self.ulysses_group, attend=attend)
         return attend(q, k, v)
+
+    def _ring_plan(self, cu_seqlens: Tensor, seq_lens: Tensor, causal: bool) -> list:
+        """One ring block plan per stream, not per layer: every layer (and its recompute) passes the
+        stream's own cu_seqlens and seq_lens tensors, and the cache holds them, so identity is safe."""
+        from engine.parallel.ring import plan_ring_blocks
+
+        key = self._plan_key
+        if key is None or key[0] is not cu_seqlens or key[1] is not seq_lens or key[2] != causal:
+            plan = plan_ring_blocks(cu_seqlens, seq_lens, causal=causal, group=self.ring_group)
+            self._plan_key = (cu_seqlens, seq_lens, causal, plan)
+        return self._plan_key[3]
 
     def unshard(self, hidden: Tensor, stream: LocalStream, tokens: int) -> Tensor:
         """(n/U, H) of this rank's tokens -> (tokens, H) in global stream order, zeros elsewhere."""

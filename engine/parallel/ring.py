@@ -38,21 +38,29 @@ from kernels.attention import attention_block, attention_block_backward
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, seq_lens: Tensor, causal: bool,
-                   group, scale: float | None = None, backend: str = "auto") -> Tensor:
+                   group, scale: float | None = None, backend: str = "auto", plan: list | None = None) -> Tensor:
     """Attention of this rank's share of a packed stream split by engine.parallel.context.shard_for_ring.
 
     q (n, Hq, D), k/v (n, Hkv, D): this ring rank's local stream (n = cu_seqlens[-1]);
     cu_seqlens (num_seqs + 1,) int32: the local stream's sequences, identical on every ring rank;
     seq_lens (num_seqs,): each sequence's real length (positions >= it are pads, never attended
     as keys in bidirectional attention); causal: zigzag split (2R chunks) if True, plain split (R) if False.
+    plan: plan_ring_blocks(...) of these arguments, when the caller reuses one for every layer
+    (building it reads sizes back from the device).
     Returns (n, Hq, D) in q's dtype; differentiable in q, k, v.
     """
     group = dist.group.WORLD if group is None else group
     _check_inputs(q, k, v, cu_seqlens, seq_lens)
-    ring, rank = dist.get_world_size(group), dist.get_rank(group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    plan = _plan_blocks(cu_seqlens, seq_lens, ring, rank, causal)
+    if plan is None:
+        plan = plan_ring_blocks(cu_seqlens, seq_lens, causal=causal, group=group)
     return _RingAttention.apply(q, k, v, plan, group, scale, backend)
+
+
+def plan_ring_blocks(cu_seqlens: Tensor, seq_lens: Tensor, *, causal: bool, group) -> list:
+    """Which rows of each source rank's block this rank attends: the same for every layer of a forward."""
+    group = dist.group.WORLD if group is None else group
+    return _plan_blocks(cu_seqlens, seq_lens, dist.get_world_size(group), dist.get_rank(group), causal)
 
 
 @dataclass

@@ -75,3 +75,18 @@ def test_ranks_together_hold_every_token_once_in_even_slices(ring, ulysses, tp, 
             sizes.add(local)
     assert sorted(torch.cat(held).tolist()) == list(range(total))
     assert len(sizes) == 1, "every rank does the same work"
+
+
+def test_ring_block_plan_is_built_once_per_stream(monkeypatch):
+    """Every layer of a forward attends with the same stream: its ring plan (which reads sizes back
+    from the device) is built once, and again only for another stream."""
+    from engine.parallel import ring
+
+    built = []
+    monkeypatch.setattr(ring, "plan_ring_blocks", lambda cu, lens, *, causal, group: built.append(cu) or [cu])
+    cp = ContextParallel(_mesh(2, 1, 0, 0), causal=True)
+    stream = cp.shard(torch.arange(sum(LENGTHS)), torch.cat([torch.arange(n) for n in LENGTHS]), _cu(LENGTHS))
+    plans = [cp._ring_plan(stream.cu_seqlens, stream.seq_lens, True) for _layer in range(3)]
+    assert len(built) == 1 and all(plan is plans[0] for plan in plans)
+    other = cp.shard(torch.arange(7), torch.arange(7), _cu([7]))
+    assert cp._ring_plan(other.cu_seqlens, other.seq_lens, True) == [other.cu_seqlens] and len(built) == 2

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from engine.model.hf_io import read_safetensors
-from tests.conftest import REPO, free_port, read_metrics, synthetic_examples, write_jsonl
+from engine.parallel.spawn import free_port
+from tests.conftest import REPO, read_metrics, synthetic_examples, write_jsonl
 
 STEPS = 5
 SAVE_AT = 3

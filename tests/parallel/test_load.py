@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from engine.cli import compose
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import init_mesh
-from tests.parallel.ranks import spawn
+from engine.parallel.spawn import spawn_ranks
 
 
 def _write_model(folder: str, tie: bool) -> None:
@@ -67,7 +67,7 @@ def test_sliced_loading_equals_slicing_the_whole_model(tmp_path, tie):
     folder = str(tmp_path / "model")
     _write_model(folder, tie)
     world = 4  # 2 KV heads in the tiny model: tp 4 replicates them
-    spawn(_compare, world, folder, str(tmp_path))
+    spawn_ranks(_compare, world, folder, str(tmp_path))
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
             result = json.load(f)

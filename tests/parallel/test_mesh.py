@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import ParallelMesh, init_mesh
-from tests.parallel.ranks import spawn
+from engine.parallel.spawn import spawn_ranks
 
 DIMS = ("pp", "dp", "ring", "ulysses", "tp", "dp_sp")
 
@@ -83,7 +83,7 @@ def seen(tmp_path_factory):
     def get(world: int) -> list[dict]:
         if world not in done:
             out = str(tmp_path_factory.mktemp(f"mesh{world}"))
-            spawn(_worker, world, out, timeout_s=60)
+            spawn_ranks(_worker, world, out, timeout_s=60)
             ranks = []
             for rank in range(world):
                 with open(os.path.join(out, f"rank{rank}.json")) as f:

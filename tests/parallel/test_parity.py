@@ -42,7 +42,7 @@ from engine.parallel.layout import layout_from_config
 from engine.parallel.mesh import init_mesh
 from engine.train.trainer import Trainer
 from tests.conftest import synthetic_examples, write_jsonl
-from tests.parallel.ranks import spawn
+from engine.parallel.spawn import spawn_ranks
 
 STEPS = 3
 LR = 1e-3  # variants may lower it
@@ -239,7 +239,7 @@ def parallel_results(data_dir, tmp_path_factory):
     results = {}
     for world in (2, 4):
         out_dir = str(tmp_path_factory.mktemp(f"parity-{world}"))
-        spawn(_worker, world, data_dir, out_dir, jobs_for(world))
+        spawn_ranks(_worker, world, data_dir, out_dir, jobs_for(world))
         results.update(torch.load(os.path.join(out_dir, "results.pt"), weights_only=True))
     return results
 

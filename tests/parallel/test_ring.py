@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from engine.parallel.context import shard_for_ring
 from kernels.attention import attention
-from tests.parallel.ranks import spawn
+from engine.parallel.spawn import spawn_ranks
 
 # Empty, 1 and 3 tokens (fewer than the 2R = 8 chunks at R = 4), and longer ones that leave
 # pads at the end of their last chunk.
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_equals_whole_stream_attention(tmp_path, world):
-    spawn(_worker, world, str(tmp_path))
+    spawn_ranks(_worker, world, str(tmp_path))
     covered = {}
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:

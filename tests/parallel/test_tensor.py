@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from tests.parallel.ranks import spawn
+from engine.parallel.spawn import spawn_ranks
 
 WORLD_SIZES = (2, 4)
 TOKENS = 8  # divisible by every tp here, so sequence-parallel slices are equal
@@ -630,7 +630,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 def run_job(world: int, out_dir: str) -> list[dict]:
     """Every check on `world` gloo ranks; one result dict per rank."""
-    spawn(_worker, world, out_dir, timeout_s=60)
+    spawn_ranks(_worker, world, out_dir, timeout_s=60)
     ranks = []
     for rank in range(world):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:

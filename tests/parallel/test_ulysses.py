@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.attention import attention
-from tests.parallel.ranks import spawn
+from engine.parallel.spawn import spawn_ranks
 
 CU_SEQLENS = [0, 5, 6, 13, 16]  # a 1-token sequence, and sequences crossing every shard boundary
 HEADS = [(4, 4), (4, 2), (4, 1)]  # (query heads, KV heads): split, split or replicated, replicated
@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_attention_equals_whole_stream_attention(tmp_path, world):
-    spawn(_worker, world, str(tmp_path))
+    spawn_ranks(_worker, world, str(tmp_path))
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
             results = json.load(f)
