@@ -324,8 +324,12 @@ def _lse_forward_kernel(q_ptr, k_ptr, positive_ptr, threshold_ptr, partial_lse_p
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         row_max = new_max
-    # A split holding none of a row's kept candidates writes log(0) = -inf: no weight in the merge.
-    tl.store(partial_lse_ptr + split * B + offs_m, row_max + tl.log(row_sum), mask=mask_m)
+    # A split holding none of a row's kept candidates writes -inf: no weight in the merge. (A row
+    # that keeps anything has row_sum >= 1, its maximum's exp(0); log(0) itself would make the
+    # interpreter warn.)
+    kept_any = row_sum > 0
+    lse = tl.where(kept_any, row_max + tl.log(tl.where(kept_any, row_sum, 1.0)), float("-inf"))
+    tl.store(partial_lse_ptr + split * B + offs_m, lse, mask=mask_m)
 
 
 @triton.jit
