@@ -25,8 +25,9 @@ Two paths compute it:
   they are, and its backward uses the out and lse it is given (not a recomputed pair),
   which is what the contract above needs.
 - Other devices: `math_block_forward` / `math_block_backward`, explicit fp32 scores per
-  sequence, O(L^2) memory. They are the spec the CPU path is tested against, and the
-  device fallback until a Triton block kernel registers itself (issue 5).
+  sequence, O(L^2) memory. They are the spec the CPU path (and the Triton and flash-attn
+  block functions, registered under their backends' names) are tested against, and the
+  'sdpa' backend's fallback on a GPU; `kernels.attention=auto` picks a real kernel there.
 """
 from __future__ import annotations
 

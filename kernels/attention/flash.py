@@ -15,8 +15,10 @@ They are private and their signatures moved between releases (window_size as a p
 name, filtered by the installed function's signature. flash-attn writes +inf as the LSE of a
 row with no keys; block.py's contract wants -inf, and the backward wants +inf back.
 
-flash-attn is not installed on the development machine: this file is untested there beyond the
-import error; the Triton backend is the tested GPU path.
+flash-attn is not installed on the development machine: tests/kernels/test_attention_flash.py
+runs this file against stand-ins with the signatures of flash-attn 2.5 and 2.6+ (computing with
+the math spec), which checks the calls, the LSE conventions and the result layouts, not the CUDA
+kernels; the Triton backend is the tested GPU path.
 """
 from __future__ import annotations
 
@@ -84,9 +86,13 @@ def block_backward(
 
 
 def _call(fn, **kwargs):
-    """Call a flash-attn internal with the arguments its installed version takes, defaults for the rest."""
+    """Call a flash-attn internal with the arguments its installed version takes, defaults for the rest;
+    a required argument this file does not know (block_table in 2.5: paged KV) is given None."""
     signature = inspect.signature(getattr(fn, "_init_fn", fn))  # a torch custom op wraps the Python function
     params = signature.parameters
+    for name, param in params.items():
+        if param.default is inspect.Parameter.empty and name not in kwargs:
+            kwargs[name] = None
     if "window_size" in params:
         kwargs["window_size"] = (-1, -1)
     if "window_size_left" in params:
