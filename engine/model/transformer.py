@@ -20,6 +20,7 @@ from engine.model.args import ModelArgs
 from engine.model.attention import SelfAttention
 from engine.model.mlp import MLP
 from engine.model.norm import RMSNorm
+from engine.model.pooling import pool
 from engine.model.rope import RotaryEmbedding
 
 
@@ -119,13 +120,22 @@ class Transformer(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
         attention_mask: Tensor | None = None,
+        pooling: str | None = None,
     ) -> Tensor:
         """Final-normed hidden states.
 
         packed:  input_ids (T,) + cu_seqlens (n+1,) [+ position_ids (T,)]   -> (T, hidden)
         padded:  input_ids (B, S) + attention_mask (B, S) of 1/0            -> (B, S, hidden), zeros at pads
         full:    input_ids (B, S), no mask, no cu_seqlens: B whole sequences -> (B, S, hidden)
+        pooling (packed input only): "last" | "mean" | "cls" -> (n, hidden), one vector per sequence
+        (engine.model.pooling); under context parallelism this rank's share, see reduce_shards().
         """
+        if pooling is not None and (attention_mask is not None or input_ids.dim() != 1 or cu_seqlens is None):
+            raise InputError("pooling= needs packed input: input_ids (T,) and cu_seqlens")
+        if pooling is not None:
+            return self.forward_packed(input_ids, position_ids if position_ids is not None
+                                       else positions_from_cu_seqlens(cu_seqlens), cu_seqlens,
+                                       max_seqlen if max_seqlen is not None else _longest(cu_seqlens), pooling)
         if attention_mask is not None:
             if cu_seqlens is not None:
                 raise InputError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
@@ -145,18 +155,20 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens)
         if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+            max_seqlen = _longest(cu_seqlens)
         hidden = self.forward_packed(flat_ids, position_ids.reshape(-1), cu_seqlens, max_seqlen)
         return hidden.view(*input_ids.shape, -1)
 
-    def forward_packed(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        """input_ids, position_ids (T,), cu_seqlens (n+1,) int32 -> hidden (T, hidden).
+    def forward_packed(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                       pooling: str | None = None) -> Tensor:
+        """input_ids, position_ids (T,), cu_seqlens (n+1,) int32 -> hidden (T, hidden), or pooled (n, hidden).
 
         Under context parallelism the rows of tokens another rank holds are zeros: per-sequence
-        results computed from them are partial and summed over ranks by reduce_shards()."""
+        results computed from them are partial and summed over ranks by reduce_shards(). With
+        `pooling` each rank pools its own rows and the (T, hidden) stream is never built."""
         if input_ids.shape != position_ids.shape:
             raise InputError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
-        tokens = input_ids.shape[0]
+        tokens, global_cu_seqlens = input_ids.shape[0], cu_seqlens
         seq_lens = stream = None
         if self.context_parallel is not None:
             stream = self.context_parallel.shard(input_ids, position_ids, cu_seqlens)
@@ -175,8 +187,10 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, seq_lens)
         hidden = self.output_gather(self.model.norm(x))
         if stream is not None:
+            if pooling is not None:
+                return self.context_parallel.pool(hidden, stream, global_cu_seqlens, pooling)
             return self.context_parallel.unshard(hidden, stream, tokens)
-        return hidden[:tokens]
+        return hidden[:tokens] if pooling is None else pool(hidden[:tokens], global_cu_seqlens, pooling)
 
     def reduce_shards(self, per_sequence: Tensor) -> Tensor:
         """Per-sequence results (pooled vectors, scores) computed from forward()'s hidden states,
@@ -225,6 +239,10 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor) -> Tensor:
     total = int(cu_seqlens[-1])
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
     return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def _longest(cu_seqlens: Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
 def pad_packed(

@@ -150,6 +150,14 @@ class ContextParallel:
             self._plan_key = (cu_seqlens, seq_lens, causal, plan)
         return self._plan_key[3]
 
+    def pool(self, hidden: Tensor, stream: LocalStream, cu_seqlens: Tensor, mode: str) -> Tensor:
+        """(n/U, H) of this rank's tokens -> (num_seqs, H): this rank's share of pooling the global
+        stream (cu_seqlens), to be summed over the group by reduce(); never builds the whole stream."""
+        from engine.model.pooling import pool_rows
+
+        real = stream.index >= 0
+        return pool_rows(hidden[real], stream.index[real], cu_seqlens, mode)
+
     def unshard(self, hidden: Tensor, stream: LocalStream, tokens: int) -> Tensor:
         """(n/U, H) of this rank's tokens -> (tokens, H) in global stream order, zeros elsewhere."""
         real = stream.index >= 0

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from engine.data.batch import EmbeddingBatch, PackedSequences
 from engine.losses import info_nce
 from engine.parallel.collectives import all_gather_with_grad
-from engine.tasks.pooling import pool
 
 
 class EmbeddingTask(nn.Module):
@@ -25,12 +24,12 @@ class EmbeddingTask(nn.Module):
         self.dp_group = None  # the data-parallel process group, when there is one
 
     def embed(self, seqs: PackedSequences) -> Tensor:
-        hidden = self.backbone(
+        pooled = self.backbone(
             seqs.input_ids, position_ids=seqs.position_ids,
-            cu_seqlens=seqs.cu_seqlens, max_seqlen=seqs.max_seqlen,
-        )  # (total_tokens, H)
+            cu_seqlens=seqs.cu_seqlens, max_seqlen=seqs.max_seqlen, pooling=self.cfg.pooling,
+        )  # (n, H)
         # Under context parallelism each rank pools its own tokens; the sum over ranks is the whole.
-        vectors = self.backbone.reduce_shards(pool(hidden, seqs.cu_seqlens, self.cfg.pooling).float())  # (n, H)
+        vectors = self.backbone.reduce_shards(pooled.float())
         return F.normalize(vectors, dim=-1) if self.cfg.normalize else vectors
 
     def loss_from_outputs(self, outputs: list[Tensor], batch: EmbeddingBatch) -> Tensor:

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from engine.data.batch import PackedSequences, RerankerBatch
 from engine.data.tokenize import yes_no_token_ids
 from engine.losses import distill_kl, listwise_ce, pointwise_bce
-from engine.tasks.pooling import pool
 
 
 class RerankerTask(nn.Module):
@@ -34,11 +33,10 @@ class RerankerTask(nn.Module):
             self.score = nn.Linear(embed.shape[1], 1, bias=False, dtype=embed.dtype, device=device)
 
     def scores(self, pairs: PackedSequences) -> Tensor:
-        hidden = self.backbone(
+        last = self.backbone(
             pairs.input_ids, position_ids=pairs.position_ids,
-            cu_seqlens=pairs.cu_seqlens, max_seqlen=pairs.max_seqlen,
-        )  # (total_tokens, H)
-        last = pool(hidden, pairs.cu_seqlens, "last")  # (num_seqs, H)
+            cu_seqlens=pairs.cu_seqlens, max_seqlen=pairs.max_seqlen, pooling="last",
+        )  # (num_seqs, H)
         # The head reads the last token where it lies: under context parallelism only that rank's
         # row is non-zero, so the head's gradient is counted once, and the scores are summed over ranks.
         if self.cfg.head == "yes_no":

@@ -90,3 +90,27 @@ def test_ring_block_plan_is_built_once_per_stream(monkeypatch):
     assert len(built) == 1 and all(plan is plans[0] for plan in plans)
     other = cp.shard(torch.arange(7), torch.arange(7), _cu([7]))
     assert cp._ring_plan(other.cu_seqlens, other.seq_lens, True) == [other.cu_seqlens] and len(built) == 2
+
+
+@pytest.mark.parametrize("mode", ["last", "mean", "cls"])
+@pytest.mark.parametrize("ring,ulysses,causal", [(2, 1, True), (4, 1, True), (2, 2, True), (1, 2, False),
+                                                 (4, 1, False)])
+def test_ranks_pool_their_own_tokens_to_the_whole_streams_pooling(ring, ulysses, causal, mode):
+    """Each rank pools only the rows it holds (no (tokens, hidden) stream per rank); the sum over
+    the ranks is pool() of the whole stream, exactly for last/cls and to rounding for mean."""
+    from engine.model.pooling import pool
+
+    cu, total = _cu(LENGTHS), sum(LENGTHS)
+    whole = torch.randn(total, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids, positions = torch.arange(total), torch.cat([torch.arange(n) for n in LENGTHS])
+    summed = torch.zeros(len(LENGTHS), 6, dtype=torch.float64)
+    for r in range(ring):
+        for u in range(ulysses):
+            cp = ContextParallel(_mesh(ring, ulysses, r, u), causal)
+            stream = cp.shard(ids, positions, cu)
+            real = stream.index >= 0
+            local = torch.where(real[:, None], whole[stream.index.clamp(min=0)], torch.full((1, 6), 7.0,
+                                                                                          dtype=torch.float64))
+            summed += cp.pool(local, stream, cu, mode)  # pads and filler rows hold 7s: they must not count
+    nonempty = torch.tensor(LENGTHS) > 0  # an empty sequence has no row to pool (mean: 0/0)
+    torch.testing.assert_close(summed[nonempty], pool(whole, cu, mode)[nonempty], rtol=1e-12, atol=1e-12)

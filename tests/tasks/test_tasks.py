@@ -11,7 +11,7 @@ from engine.losses import info_nce, listwise_ce
 from engine.model.args import ModelArgs
 from engine.model.transformer import Transformer
 from engine.tasks import EmbeddingTask, RerankerTask
-from engine.tasks.pooling import pool
+from engine.model.pooling import pool
 
 SEQS = [[5, 9, 11, 2], [7, 3], [8, 8, 8, 8, 8, 1], [4]]
 
