@@ -29,5 +29,7 @@ def dry_run(cfg) -> dict:
           f"x ulysses {layout.ulysses} x tp {layout.tp}; sequence length {seq_len}")
     for line in plan.lines():
         print(line)
+    print(f"kernels: attention {cfg.kernels.attention}, infonce {cfg.kernels.infonce} "
+          "(auto: flash-attn or Triton on CUDA, PyTorch on CPU; checked against the device at launch)")
     print(f"config is valid; nothing was allocated ({time.perf_counter() - start:.1f}s)")
     return {"total_params": total, "memory_per_rank_bytes": plan.total, "layout": layout}
