@@ -27,12 +27,18 @@ import inspect
 import torch
 from torch import Tensor
 
-try:
-    from flash_attn import flash_attn_interface as _interface
-    from flash_attn import flash_attn_varlen_func
-except ImportError as e:  # the dispatcher turns this into one line naming the backend
-    raise ImportError(f"the flash_attn backend needs the flash-attn package (pip install flash-attn "
-                      f"--no-build-isolation): {e}") from e
+from kernels.attention.dispatch import UnknownBackendError
+
+
+def _flash_attn():
+    """flash-attn's interface module and varlen function, imported at first use: the package is
+    optional and CUDA-only, so nothing imports it until this backend runs."""
+    try:
+        from flash_attn import flash_attn_interface, flash_attn_varlen_func
+    except ImportError as e:
+        raise UnknownBackendError(f"attention backend 'flash_attn' needs the flash-attn package "
+                                  f"(pip install flash-attn --no-build-isolation): {e}") from None
+    return flash_attn_interface, flash_attn_varlen_func
 
 
 def attention_flash(
@@ -42,7 +48,8 @@ def attention_flash(
     """reference.attention_reference's signature; flash-attn needs float16/bfloat16 CUDA tensors."""
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     max_seqlen = _max_seqlen(cu, max_seqlen)
-    result = flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale,
+    _, varlen_func = _flash_attn()
+    result = varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale,
                                     causal=causal, return_attn_probs=return_lse)
     if not return_lse:
         return result
@@ -60,7 +67,8 @@ def block_forward(
     """-> out (Tq, Hq, D), lse (Hq, Tq) float32, -inf where a row has no keys (block.py's contract)."""
     cu_q, cu_k = (c.to(device=q.device, dtype=torch.int32) for c in (cu_seqlens_q, cu_seqlens_k))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    result = _call(_interface._flash_attn_varlen_forward, q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+    interface, _ = _flash_attn()
+    result = _call(interface._flash_attn_varlen_forward, q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                    max_seqlen_q=_max_seqlen(cu_q, max_seqlen_q), max_seqlen_k=_max_seqlen(cu_k, max_seqlen_k),
                    dropout_p=0.0, softmax_scale=scale, causal=causal, return_softmax=False)
     # >= 2.6: (out, lse, S_dmask, rng_state); before: (out, q, k, v, out_padded, lse, S_dmask, rng_state)
@@ -78,7 +86,8 @@ def block_backward(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lse = lse.float().masked_fill(lse == float("-inf"), float("inf")).contiguous()  # P = exp(S - inf) = 0
-    _call(_interface._flash_attn_varlen_backward, dout=dout.to(q.dtype).contiguous(), q=q, k=k, v=v,
+    interface, _ = _flash_attn()
+    _call(interface._flash_attn_varlen_backward, dout=dout.to(q.dtype).contiguous(), q=q, k=k, v=v,
           out=out.to(q.dtype).contiguous(), softmax_lse=lse, dq=dq, dk=dk, dv=dv, cu_seqlens_q=cu_q,
           cu_seqlens_k=cu_k, max_seqlen_q=_max_seqlen(cu_q, max_seqlen_q), max_seqlen_k=_max_seqlen(cu_k, max_seqlen_k),
           dropout_p=0.0, softmax_scale=scale, causal=causal, deterministic=False, rng_state=None)

@@ -97,20 +97,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 @pytest.fixture(params=["2.5", "2.6"])
 def flash(request, monkeypatch):
-    """kernels.attention.flash imported against a stand-in flash_attn of one generation."""
+    """kernels.attention.flash with a stand-in flash_attn of one generation (it imports the package
+    at each call, so the stand-in only has to be in sys.modules meanwhile)."""
     interface = _interface_2_5() if request.param == "2.5" else _interface_2_6()
     package = types.ModuleType("flash_attn")
     package.flash_attn_interface = interface
     package.flash_attn_varlen_func = flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "flash_attn", package)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", interface)
-    monkeypatch.delitem(sys.modules, "kernels.attention.flash", raising=False)
-    module = importlib.import_module("kernels.attention.flash")
-    # The dispatcher caches loaded functions: point its flash_attn entries at this import, restore after.
-    monkeypatch.setitem(dispatch._REGISTRY, "flash_attn", module.attention_flash)
-    monkeypatch.setitem(dispatch._BLOCK_REGISTRY, "flash_attn", (module.block_forward, module.block_backward))
-    yield module
-    sys.modules.pop("kernels.attention.flash", None)
+    return importlib.import_module("kernels.attention.flash")
 
 
 def _stream(q_lengths, k_lengths, q_heads=4, kv_heads=2, dim=8, seed=0):
@@ -151,7 +146,7 @@ def test_plain_attention_through_the_dispatcher(flash):
 
 def test_a_too_old_flash_attn_lse_layout_is_one_clear_error(flash, monkeypatch):
     padded = lambda q, k, v, cq, ck, mq, mk, **kw: (q, torch.zeros(3, q.shape[1], mq), None)  # < 2.4: (b, h, L)
-    monkeypatch.setattr(flash, "flash_attn_varlen_func", padded)
+    monkeypatch.setattr(sys.modules["flash_attn"], "flash_attn_varlen_func", padded)
     q, k, v, _, cu, _ = _stream([2, 4], [2, 4])
     with pytest.raises(RuntimeError, match="install flash-attn >= 2.4"):
         flash.attention_flash(q, k, v, cu_seqlens=cu, max_seqlen=4, causal=True, return_lse=True)
