@@ -130,12 +130,8 @@ class Transformer(nn.Module):
         pooling (packed input only): "last" | "mean" | "cls" -> (n, hidden), one vector per sequence
         (engine.model.pooling); under context parallelism this rank's share, see reduce_shards().
         """
-        if pooling is not None and (attention_mask is not None or input_ids.dim() != 1 or cu_seqlens is None):
-            raise InputError("pooling= needs packed input: input_ids (T,) and cu_seqlens")
-        if pooling is not None:
-            return self.forward_packed(input_ids, position_ids if position_ids is not None
-                                       else positions_from_cu_seqlens(cu_seqlens), cu_seqlens,
-                                       max_seqlen if max_seqlen is not None else _longest(cu_seqlens), pooling)
+        if pooling is not None and cu_seqlens is None:
+            raise InputError("pooling= needs packed input: input_ids (T,) with cu_seqlens")
         if attention_mask is not None:
             if cu_seqlens is not None:
                 raise InputError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
@@ -155,9 +151,9 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens)
         if max_seqlen is None:
-            max_seqlen = _longest(cu_seqlens)
-        hidden = self.forward_packed(flat_ids, position_ids.reshape(-1), cu_seqlens, max_seqlen)
-        return hidden.view(*input_ids.shape, -1)
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        hidden = self.forward_packed(flat_ids, position_ids.reshape(-1), cu_seqlens, max_seqlen, pooling)
+        return hidden if pooling is not None else hidden.view(*input_ids.shape, -1)
 
     def forward_packed(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                        pooling: str | None = None) -> Tensor:
@@ -239,10 +235,6 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor) -> Tensor:
     total = int(cu_seqlens[-1])
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
     return torch.arange(total, device=cu_seqlens.device) - starts
-
-
-def _longest(cu_seqlens: Tensor) -> int:
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
 def pad_packed(

@@ -17,21 +17,29 @@ from engine.config import ConfigError, KernelsConfig
 
 
 def select_kernels(cfg: KernelsConfig, device: torch.device) -> dict[str, str]:
-    """Make cfg's backends the defaults; return what each resolves to on `device`."""
-    from kernels.attention import UnknownBackendError, set_default_backend
+    """Make cfg's backends the defaults; return what each resolves to on `device`. A choice that
+    cannot run here raises ConfigError and leaves the previous defaults in place."""
+    from kernels.attention import UnknownBackendError, get_default_backend, set_default_backend
     from kernels.attention import resolve_backend as resolve_attention
+    from kernels.infonce import get_infonce_backend, set_infonce_backend
     from kernels.infonce import resolve_backend as resolve_infonce
-    from kernels.infonce import set_infonce_backend
 
+    previous = get_default_backend(), get_infonce_backend()
     try:
-        set_default_backend(cfg.attention)
-    except UnknownBackendError as err:
-        raise ConfigError(f"kernels.attention={cfg.attention!r}: {err}") from None
-    set_infonce_backend(cfg.infonce)
-    chosen = {"infonce": resolve_infonce("auto", device.type) if cfg.infonce == "auto" else cfg.infonce,
-              "attention": resolve_attention("auto", device.type)}
-    for key, backend in chosen.items():
-        _check_runnable(f"kernels.{key}", backend, device)
+        try:
+            set_default_backend(cfg.attention)
+        except UnknownBackendError as err:
+            raise ConfigError(f"kernels.attention={cfg.attention!r}: {err}") from None
+        set_infonce_backend(cfg.infonce)
+        # resolve_infonce refuses Triton on CPU with a RuntimeError; _check_runnable says it as config.
+        chosen = {"infonce": resolve_infonce("auto", device.type) if cfg.infonce == "auto" else cfg.infonce,
+                  "attention": resolve_attention("auto", device.type)}
+        for key, backend in chosen.items():
+            _check_runnable(f"kernels.{key}", backend, device)
+    except ConfigError:
+        set_default_backend(previous[0])
+        set_infonce_backend(previous[1])
+        raise
     return chosen
 
 

@@ -70,6 +70,20 @@ def test_inputs_that_describe_no_batch_are_refused():
         model(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4))
 
 
+@pytest.mark.parametrize("mode", ["last", "mean", "cls"])
+def test_pooled_forward_is_each_sequences_pooled_hidden_state(mode):
+    model = tiny_model()
+    seqs = random_token_lists([6, 2, 9])
+    packed = PackedSequences.from_token_lists(seqs)
+    with torch.no_grad():
+        pooled = model(packed.input_ids, cu_seqlens=packed.cu_seqlens, pooling=mode)
+        alone = [model(torch.tensor(s)) for s in seqs]
+    want = torch.stack([{"last": h[-1], "cls": h[0], "mean": h.mean(0)}[mode] for h in alone])
+    torch.testing.assert_close(pooled, want, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="pooling= needs packed input"):
+        model(torch.zeros(2, 3, dtype=torch.long), pooling=mode)
+
+
 def test_positions_restart_at_every_sequence():
     cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
     assert positions_from_cu_seqlens(cu).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]

@@ -8,11 +8,16 @@ issue's bar; measured ~1e-6):
   and the loss through the Triton kernels;
 - ring 2 on two torchrun ranks, kernels.attention=triton: ring attention's per-block calls go
   through the same dispatcher, so switching the backend moves nothing beyond tolerance.
-Also: a backend that cannot run on this machine fails at startup with one line naming the key.
+Also: a backend that cannot run on this machine fails at startup with one line naming the key
+(through the CLI where this machine can show it; every other refusal through select_kernels).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+
+import pytest
+import torch
 
 from tests.conftest import synthetic_examples, write_jsonl
 from tests.parallel.test_launch import _env, assert_same_losses, launch, losses
@@ -46,3 +51,41 @@ def test_a_backend_this_machine_cannot_run_is_one_line_at_startup(tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         assert_one_line_error(result, f"{key}=triton needs a CUDA device")
     assert not os.path.exists(tmp_path / "r" / "metrics.jsonl")
+
+
+def _installed(*packages: str):
+    """importlib.util.find_spec as if exactly `packages` (of triton, flash_attn) were installed."""
+    real = importlib.util.find_spec
+    return lambda name, *a: (object() if name in packages else None) if name in ("triton", "flash_attn") \
+        else real(name, *a)
+
+
+def test_each_backend_a_device_cannot_run_is_refused_and_the_defaults_stay(monkeypatch):
+    from engine.config import ConfigError, KernelsConfig
+    from engine.train.kernels import select_kernels
+    from kernels.attention import dispatch, get_default_backend
+    from kernels.infonce import get_infonce_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cases = [  # (installed packages, device, config, what the one line says)
+        ((), cuda, KernelsConfig(infonce="triton"), "kernels.infonce=triton: the triton package is not installed"),
+        ((), cuda, KernelsConfig(attention="triton"), "kernels.attention=triton: the triton package is not installed"),
+        (("triton",), cuda, KernelsConfig(attention="flash_attn"),
+         "kernels.attention=flash_attn: the flash-attn package is not installed"),
+        (("triton", "flash_attn"), cpu, KernelsConfig(attention="flash_attn"),
+         "kernels.attention=flash_attn needs a CUDA device (this run is on cpu)"),
+    ]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    before = get_default_backend(), get_infonce_backend()
+    for packages, device, cfg, says in cases:
+        monkeypatch.setattr(importlib.util, "find_spec", _installed(*packages))
+        with pytest.raises(ConfigError) as error:
+            select_kernels(cfg, device)
+        assert says in str(error.value) and "\n" not in str(error.value)
+        assert (get_default_backend(), get_infonce_backend()) == before
+    monkeypatch.setattr(importlib.util, "find_spec", _installed("triton", "flash_attn"))
+    dispatch._installed.cache_clear()  # 'auto' remembers what it found installed
+    assert select_kernels(KernelsConfig(), cuda) == {"infonce": "triton", "attention": "flash_attn"}
+    monkeypatch.undo()
+    dispatch._installed.cache_clear()
+    assert select_kernels(KernelsConfig(), cpu) == {"infonce": "torch", "attention": "torch"}
