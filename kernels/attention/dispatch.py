@@ -1,7 +1,7 @@
 """Which function computes attention: a registry of named backends and the 'auto' rule.
 
 The model calls `attention(...)` and never names a backend; the run picks one with
-`set_default_backend(cfg.model.attn_backend)` (or `with use_backend(name):` in a test).
+`set_default_backend(cfg.kernels.attention)` (engine/train/kernels.py; `with use_backend(name):` in a test).
 A backend is any function with attention_reference's signature, plus optionally the per-block
 pair ring attention uses (block.py's contract). Backends register as "module:function" and
 are imported on first use only, so a missing optional package costs nothing until someone
