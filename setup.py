@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Train embedding and reranker models on decoder LLM backbones at any layout",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["engine", "engine.*"]),
     install_requires=[
         # torch is installed first by the Makefile (`pip install torch==2.13.0` on CPU machines);
         # this range then installs nothing more.

@@ -5,7 +5,7 @@ forward and forward + backward.
     python bench/kernels.py --what attention --tokens 8192 --seqs 4 --bidirectional --backends triton sdpa
 
 Each row packs --seqs equal sequences into one varlen stream of --tokens tokens and runs it through
-kernels.attention's dispatcher by name: triton (kernels/attention/triton.py, autotuned; the first
+kernels.attention's dispatcher by name: triton (engine/kernels/attention/triton.py, autotuned; the first
 call per shape tunes and is excluded by the warm-up), flash_attn (when installed), sdpa (PyTorch's
 scaled_dot_product_attention per length bucket, reference.py) and naive (explicit fp32 scores,
 reference.py's return_lse path: O(L^2) memory, skipped past --naive-max tokens per sequence).
@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import torch
 
-from kernels.attention import attention  # noqa: E402
-from kernels.attention.dispatch import _installed  # noqa: E402
+from engine.kernels.attention import attention  # noqa: E402
+from engine.kernels.attention.dispatch import _installed  # noqa: E402
 
 BACKENDS = ("triton", "flash_attn", "sdpa", "naive")
 

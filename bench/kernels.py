@@ -15,7 +15,7 @@ another's peak.
 InfoNCE. Workload: B queries and N = B candidates of width d (float32, unit rows), each
 query's positive on the diagonal, temperature 0.05, forward + backward of the mean loss.
   naive    logits = (q / tau) @ k.T; F.cross_entropy(logits, positive)   (three B x N tensors at peak)
-  chunked  kernels.infonce.info_nce_loss(..., backend="torch").mean()  (row tiles, kernels/infonce/chunked.py)
+  chunked  kernels.infonce.info_nce_loss(..., backend="torch").mean()  (row tiles, engine/kernels/infonce/chunked.py)
   triton   the same with backend="triton" (GPU only)
 Peak memory is the growth of the process's peak RSS (VmHWM, reset just before the step)
 over its RSS with the inputs allocated, on CPU; torch.cuda.max_memory_allocated growth
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from kernels.infonce import chunked as infonce_chunked  # noqa: E402
-from kernels.infonce import info_nce_loss  # noqa: E402
+from engine.kernels.infonce import chunked as infonce_chunked  # noqa: E402
+from engine.kernels.infonce import info_nce_loss  # noqa: E402
 
 from bench.attention_kernels import add_attention_arguments, attention_section  # noqa: E402
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.infonce import candidate_lse, positive_scores
+from engine.kernels.infonce import candidate_lse, positive_scores
 
 
 class LossInputError(ValueError):
@@ -90,7 +90,7 @@ def info_nce(
         outside_pool.append(torch.logsumexp(block / temperature, dim=1))
 
     # The query-document block is the big one (B x N*G): a kernel computes its log-sum-exp
-    # without building it (kernels/infonce). The positive and the small extra blocks join
+    # without building it (engine/kernels/infonce). The positive and the small extra blocks join
     # inside that sum (extra_lse): a fully masked block gives -inf, an absent term; every
     # query then hands the kernel the same upstream gradient, 1/B, which keeps its
     # backward at three matrix products; and a query left with its positive alone gets

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     from engine.data.formats import load_examples
     from engine.train.build import autocast_dtype, resolve_device
     from engine.train.evaluate import evaluate_task
-    from engine.train.kernels import select_kernels
+    from engine.kernels.select import select_kernels
 
     examples = load_examples(cfg.data.eval, on_error=cfg.data.on_error)
     device = resolve_device(cfg.train.device)

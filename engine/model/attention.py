@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.model.args import ModelArgs
 from engine.model.norm import RMSNorm
 from engine.model.rope import apply_rotary
-from kernels.attention import attention
+from engine.kernels.attention import attention
 
 
 class SelfAttention(nn.Module):

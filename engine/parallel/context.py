@@ -127,7 +127,7 @@ class ContextParallel:
         """q (n/U, Hq, D), k/v (n/U, Hkv, D): this rank's tokens -> (n/U, Hq, D)."""
         from engine.parallel.ring import ring_attention
         from engine.parallel.ulysses import ulysses_attention
-        from kernels.attention import attention
+        from engine.kernels.attention import attention
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # the whole ring-local stream, some heads
             if self.ring > 1:

@@ -18,7 +18,7 @@ sequence ends and are only ever seen by later pad queries, so they need no exclu
 The backward is ring-flash-attention's: K/V rotate again, dq accumulates locally, and each
 block's dK/dV accumulator (float32) travels with it, so after R passes it is back at its owner.
 Every block call goes through kernels.attention.attention_block / attention_block_backward,
-the latter given the final merged out and lse (see kernels/attention/block.py).
+the latter given the final merged out and lse (see engine/kernels/attention/block.py).
 
 Bytes each rank sends, with n local tokens, Hkv key/value heads, head size D and b bytes per
 element of k/v:
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels.attention import attention_block, attention_block_backward
+from engine.kernels.attention import attention_block, attention_block_backward
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, seq_lens: Tensor, causal: bool,

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from engine.parallel.collectives import all_to_all_chunks, mapped
-from kernels.attention import attention
+from engine.kernels.attention import attention
 
 
 def _seq_to_heads(x: Tensor, group) -> Tensor:

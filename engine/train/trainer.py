@@ -33,7 +33,7 @@ from engine.parallel.load import fill_meta_parameters
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.parallelize import parallelize
 from engine.train.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
-from engine.train.kernels import select_kernels
+from engine.kernels.select import select_kernels
 from engine.train.evaluate import evaluate_task
 from engine.train.grad_cache import grad_cache_step
 from engine.train.logger import MetricsLogger

@@ -1,4 +1,4 @@
-"""Per-block attention with LSE (kernels/attention/block.py): the unit ring attention is built from.
+"""Per-block attention with LSE (engine/kernels/attention/block.py): the unit ring attention is built from.
 
 The stories, each against an independent reference:
 - one block holding whole sequences is plain varlen attention (`attention(..., return_lse=True)`);
@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention import UnknownBackendError, attention, attention_block, attention_block_backward
-from kernels.attention import dispatch
-from kernels.attention.block import block_backward, block_forward, math_block_backward, math_block_forward
+from engine.kernels.attention import UnknownBackendError, attention, attention_block, attention_block_backward
+from engine.kernels.attention import dispatch
+from engine.kernels.attention.block import block_backward, block_forward, math_block_backward, math_block_forward
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PATHS = {"cpu_flash": (block_forward, block_backward), "math": (math_block_forward, math_block_backward)}
@@ -280,7 +280,7 @@ def test_dispatcher_serves_the_torch_block_backend_and_names_what_is_missing(mon
 
     with pytest.raises(UnknownBackendError, match="unknown attention backend 'nonesuch'") as unknown:
         attention_block(q, k, v, backend="nonesuch", **kwargs)
-    monkeypatch.setitem(dispatch._REGISTRY, "blockless", "kernels.attention.reference:attention_reference")
+    monkeypatch.setitem(dispatch._REGISTRY, "blockless", "engine.kernels.attention.reference:attention_reference")
     with pytest.raises(UnknownBackendError, match="'blockless' has no per-block functions") as blockless:
         attention_block_backward(grad, q, k, v, out, lse, backend="blockless", **kwargs)
     assert "\n" not in str(unknown.value) and "\n" not in str(blockless.value)
@@ -290,7 +290,7 @@ def test_dispatcher_serves_the_torch_block_backend_and_names_what_is_missing(mon
 
 PEAK_MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from kernels.attention.block import block_backward, block_forward
+    from engine.kernels.attention.block import block_backward, block_forward
     torch.set_num_threads(2)  # the kernel's scratch is per thread: fix it so the bound holds on any machine
     length, heads, dim = 4096, 2, 16
     generator = torch.Generator().manual_seed(0)

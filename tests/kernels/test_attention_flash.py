@@ -1,4 +1,4 @@
-"""kernels/attention/flash.py against stand-ins for the flash-attn package (not installable here).
+"""engine/kernels/attention/flash.py against stand-ins for the flash-attn package (not installable here).
 
 The stand-ins have the signatures and result layouts of flash-attn's functions in two
 generations (2.5: window_size as a pair, a required block_table, 8-tuple forward results;
@@ -18,9 +18,10 @@ import types
 import pytest
 import torch
 
-from kernels.attention import dispatch
-from kernels.attention.block import math_block_backward, math_block_forward
-from kernels.attention.reference import attention_reference
+from engine.kernels.attention import dispatch
+from engine.kernels.attention.block import math_block_backward, math_block_forward
+from engine.kernels.attention.reference import attention_reference
+from tests.gpu import requires_gpu
 from tests.kernels.test_attention_block import cu_seqlens
 
 NO_WINDOW = (-1, -1)
@@ -97,7 +98,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 @pytest.fixture(params=["2.5", "2.6"])
 def flash(request, monkeypatch):
-    """kernels.attention.flash with a stand-in flash_attn of one generation (it imports the package
+    """engine.kernels.attention.flash with a stand-in flash_attn of one generation (it imports the package
     at each call, so the stand-in only has to be in sys.modules meanwhile)."""
     interface = _interface_2_5() if request.param == "2.5" else _interface_2_6()
     package = types.ModuleType("flash_attn")
@@ -105,7 +106,7 @@ def flash(request, monkeypatch):
     package.flash_attn_varlen_func = flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "flash_attn", package)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", interface)
-    return importlib.import_module("kernels.attention.flash")
+    return importlib.import_module("engine.kernels.attention.flash")
 
 
 def _stream(q_lengths, k_lengths, q_heads=4, kv_heads=2, dim=8, seed=0):
@@ -150,3 +151,30 @@ def test_a_too_old_flash_attn_lse_layout_is_one_clear_error(flash, monkeypatch):
     q, k, v, _, cu, _ = _stream([2, 4], [2, 4])
     with pytest.raises(RuntimeError, match="install flash-attn >= 2.4"):
         flash.attention_flash(q, k, v, cu_seqlens=cu, max_seqlen=4, causal=True, return_lse=True)
+
+
+# --- the real package, on a GPU (bench/gpu/check.sh; flash-attn is not installable on the CPU machines) ---
+
+@requires_gpu("needs a CUDA GPU with the flash-attn package installed", also=dispatch._installed("flash_attn"))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_real_flash_attn_matches_the_spec_in_bfloat16(causal):
+    lengths = [1, 130, 77, 512]
+    generator = torch.Generator().manual_seed(5)
+    total = sum(lengths)
+    cu = cu_seqlens(lengths).cuda()
+    q = torch.randn(total, 8, 128, generator=generator).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(total, 2, 128, generator=generator).to("cuda", torch.bfloat16) for _ in range(2))
+    dout = torch.randn(q.shape, generator=generator).to("cuda", torch.bfloat16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = dispatch.attention(*leaves, cu_seqlens=cu, max_seqlen=max(lengths), causal=causal,
+                                  backend="flash_attn", return_lse=True)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*ref_leaves, cu_seqlens=cu, max_seqlen=max(lengths), causal=causal,
+                                           return_lse=True)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, dout.float())
+    # bfloat16 keeps 8 bits of mantissa: 3e-2 is a few ulps of values of order 1.
+    torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(lse.float(), ref_lse, rtol=1e-2, atol=1e-2)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from kernels.attention import (
+from engine.kernels.attention import (
     UnknownBackendError,
     attention,
     available_backends,
@@ -23,7 +23,7 @@ from kernels.attention import (
     set_default_backend,
     use_backend,
 )
-from kernels.attention.reference import attention_reference, plan_buckets
+from engine.kernels.attention.reference import attention_reference, plan_buckets
 
 ATOL = 5e-5
 
@@ -158,7 +158,7 @@ def test_inputs_that_cannot_be_right_are_refused(bad, message):
 @pytest.fixture
 def private_registry(monkeypatch):
     """Backends registered by a test disappear after it."""
-    from kernels.attention import dispatch
+    from engine.kernels.attention import dispatch
 
     monkeypatch.setattr(dispatch, "_REGISTRY", dict(dispatch._REGISTRY))
 
@@ -200,7 +200,7 @@ def test_registered_backends_are_picked_by_default_by_context_and_by_name(privat
 
 
 def test_lazy_backends_import_on_first_use_and_unknown_names_fail_clearly(private_registry):
-    register_backend("lazy_reference_for_test", "kernels.attention.reference:attention_reference")
+    register_backend("lazy_reference_for_test", "engine.kernels.attention.reference:attention_reference")
     q, k, v, cu = make_inputs([5], 2, 2, 8)
     out = attention(q, k, v, cu_seqlens=cu, max_seqlen=5, causal=True, backend="lazy_reference_for_test")
     assert out.shape == q.shape

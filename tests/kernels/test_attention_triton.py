@@ -1,4 +1,4 @@
-"""The Triton FlashAttention-2 kernels (kernels/attention/triton.py) against the PyTorch spec.
+"""The Triton FlashAttention-2 kernels (engine/kernels/attention/triton.py) against the PyTorch spec.
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set below, before triton
 is imported), with tiny shapes and 16 x 16 tiles: the interpreter runs every program instance in
@@ -41,19 +41,20 @@ if not GPU:  # must precede the first import of triton: @triton.jit reads it whe
 
 from engine.parallel import ring  # noqa: E402
 from engine.parallel.context import shard_for_ring  # noqa: E402
-from kernels.attention import UnknownBackendError, attention, attention_block, attention_block_backward  # noqa: E402
-from kernels.attention import dispatch  # noqa: E402
-from kernels.attention.block import math_block_backward  # noqa: E402
-from kernels.attention.reference import attention_reference  # noqa: E402
-from kernels.attention.triton import attention_triton, block_backward, block_forward  # noqa: E402
+from engine.kernels.attention import UnknownBackendError, attention, attention_block, attention_block_backward  # noqa: E402
+from engine.kernels.attention import dispatch  # noqa: E402
+from engine.kernels.attention.block import math_block_backward  # noqa: E402
+from engine.kernels.attention.reference import attention_reference  # noqa: E402
+from engine.kernels.attention.triton import attention_triton, block_backward, block_forward  # noqa: E402
+from tests.gpu import requires_gpu  # noqa: E402
 from tests.kernels.test_attention_block import block_kwargs, cu_seqlens, halves, merge, textbook_block  # noqa: E402
 
 DEVICE = "cuda" if GPU else "cpu"
 TILES = dict(block_m=16, block_n=16)  # tl.dot's smallest tile: the fewest interpreted instructions
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: bfloat16 (wrong in the interpreter), and "
-                                               "autotuned tiles at lengths too slow for the interpreter")
+needs_gpu = requires_gpu("needs a CUDA GPU: bfloat16 (wrong in the interpreter), and "
+                         "autotuned tiles at lengths too slow for the interpreter")
 
 
 def rand(rows: int, heads: int, dim: int, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -396,7 +397,7 @@ def test_block_sizes_are_checked():
 
 def test_importing_the_attention_package_does_not_import_triton():
     repo = Path(__file__).resolve().parents[2]
-    script = "import sys, kernels.attention; assert 'triton' not in sys.modules, 'triton was imported'; print('ok')"
+    script = "import sys, engine.kernels.attention; assert 'triton' not in sys.modules, 'triton was imported'; print('ok')"
     result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(repo)})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

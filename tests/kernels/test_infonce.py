@@ -1,4 +1,4 @@
-"""InfoNCE candidate log-sum-exp (kernels/infonce): the chunked PyTorch path and the Triton kernels
+"""InfoNCE candidate log-sum-exp (engine/kernels/infonce): the chunked PyTorch path and the Triton kernels
 against the naive reference, forward and gradients, then the engine's loss through them.
 
 The stories:
@@ -45,11 +45,12 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels.infonce as infonce  # noqa: E402
+import engine.kernels.infonce as infonce  # noqa: E402
 from engine.losses import info_nce  # noqa: E402
-from kernels.infonce import candidate_lse, candidate_lse_reference, info_nce_loss  # noqa: E402
-from kernels.infonce import chunked as chunked_module  # noqa: E402
-from kernels.infonce.chunked import chunked_candidate_lse  # noqa: E402
+from engine.kernels.infonce import candidate_lse, candidate_lse_reference, info_nce_loss  # noqa: E402
+from engine.kernels.infonce import chunked as chunked_module  # noqa: E402
+from engine.kernels.infonce.chunked import chunked_candidate_lse  # noqa: E402
+from tests.gpu import requires_gpu  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -59,7 +60,7 @@ except ImportError:
     HAS_TRITON = False
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_gpu = pytest.mark.skipif(not (HAS_GPU and HAS_TRITON), reason="needs a CUDA GPU and triton")
+needs_gpu = requires_gpu("needs a CUDA GPU and triton", also=HAS_TRITON)
 # The interpreter warns about log(0) in a split that holds none of a row's candidates:
 # the -inf it writes is the intended 'no terms here'.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -221,7 +222,7 @@ def test_positive_is_never_masked_and_loss_is_exactly_zero(backend):
 def _backend_fn(backend):
     if backend == "torch":
         return lambda *a, **kw: chunked_candidate_lse(*a, tile_rows=4, **kw)
-    from kernels.infonce.triton import BlockConfig, triton_candidate_lse
+    from engine.kernels.infonce.triton import BlockConfig, triton_candidate_lse
 
     # Two splits: a query with nothing kept in either must still merge to -inf, not NaN.
     config = None if HAS_GPU else BlockConfig(block_m=16, block_n=16, block_d=16, splits=2)
@@ -233,7 +234,7 @@ def _backend_fn(backend):
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("group_size, margin, exclude, extra", RULES)
 def test_triton_matches_reference(group_size, margin, exclude, extra, splits, dtype):
-    from kernels.infonce.triton import BlockConfig, triton_candidate_lse
+    from engine.kernels.infonce.triton import BlockConfig, triton_candidate_lse
 
     q, k, positive, extra_lse = problem(seed=7, dtype=dtype, device=TRITON_DEVICE, with_extra=extra)
     config = BlockConfig(block_m=16, block_n=16, block_d=16, splits=splits)
@@ -246,7 +247,7 @@ def test_triton_matches_reference(group_size, margin, exclude, extra, splits, dt
 @needs_triton
 def test_triton_group_span_skips_and_unsorted_positives():
     """Group-only: query blocks walk only their groups' span; unsorted positives widen the span."""
-    from kernels.infonce.triton import BlockConfig, triton_candidate_lse
+    from engine.kernels.infonce.triton import BlockConfig, triton_candidate_lse
 
     num_queries, group = 40, 3
     q, k, _, _ = problem(seed=8, num_queries=num_queries, num_candidates=num_queries * group, device=TRITON_DEVICE)
@@ -264,7 +265,7 @@ def test_triton_group_span_skips_and_unsorted_positives():
 @pytest.mark.parametrize("group_size, margin, exclude, extra", RULES)
 def test_triton_autotuned_on_gpu(group_size, margin, exclude, extra, dtype):
     """Native kernels with the autotuner and the split heuristic, a B << N shape as in DP training."""
-    from kernels.infonce.triton import triton_candidate_lse
+    from engine.kernels.infonce.triton import triton_candidate_lse
 
     q, k, positive, extra_lse = problem(seed=9, dtype=dtype, device="cuda", num_queries=300, num_candidates=5000,
                                         dim=200, with_extra=extra)
@@ -301,7 +302,7 @@ def test_chunked_never_builds_a_query_by_candidate_tensor(grad_kind):
 
 PEAK_MEMORY_SCRIPT = textwrap.dedent("""
     import torch
-    from kernels.infonce.chunked import chunked_candidate_lse
+    from engine.kernels.infonce.chunked import chunked_candidate_lse
 
     def status_bytes(key):  # VmRSS: resident now; VmHWM: its peak since the last reset
         with open("/proc/self/status") as f:
@@ -353,7 +354,7 @@ def test_backend_names_and_auto_rule():
 
 
 def test_importing_kernels_infonce_does_not_import_triton():
-    script = "import sys, kernels.infonce, engine.losses; print('triton' in sys.modules)"
+    script = "import sys, engine.kernels.infonce, engine.losses; print('triton' in sys.modules)"
     repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], cwd=repo, env={**env, "PYTHONPATH": str(repo)},

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from engine.parallel.context import shard_for_ring
-from kernels.attention import attention
+from engine.kernels.attention import attention
 from engine.parallel.spawn import spawn_ranks
 
 # Empty, 1 and 3 tokens (fewer than the 2R = 8 chunks at R = 4), and longer ones that leave

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.attention import attention
+from engine.kernels.attention import attention
 from engine.parallel.spawn import spawn_ranks
 
 CU_SEQLENS = [0, 5, 6, 13, 16]  # a 1-token sequence, and sequences crossing every shard boundary

@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.losses import info_nce
 from engine.train.grad_cache import GradCacheError, grad_cache_step
+from tests.gpu import requires_gpu
 
 NUM_QUERIES, GROUP_SIZE, FEATURES = 5, 3, 12
 
@@ -109,3 +110,23 @@ def test_tower_unused_by_the_loss_gets_no_gradient():
 def test_grad_cache_rejects_empty_towers():
     with pytest.raises(GradCacheError, match="at least one tower"):
         grad_cache_step([(TinyEncoder(seed=6), [])], loss_fn)
+
+
+@requires_gpu("needs a CUDA GPU: the replay of the CUDA generator's state")
+def test_grad_cache_replays_cuda_dropout():
+    """On a GPU, dropout draws from the CUDA generator: the replay must restore that state, not only
+    the CPU one, or the re-embedded chunks get other masks than the cached embeddings had."""
+    query_encoder = TinyEncoder(seed=1).cuda().train()
+
+    def on_cuda(chunk_size):
+        return [(query_encoder, [c.cuda() for c in chunks]) for _, chunks in towers_for(None, None, chunk_size)]
+
+    torch.manual_seed(123)
+    ref_loss = plain_step(on_cuda(2))
+    ref_grads = grads(query_encoder)
+    zero(query_encoder)
+    torch.manual_seed(123)
+    loss = grad_cache_step(on_cuda(2), loss_fn)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads(query_encoder), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

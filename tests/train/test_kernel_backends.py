@@ -62,9 +62,9 @@ def _installed(*packages: str):
 
 def test_each_backend_a_device_cannot_run_is_refused_and_the_defaults_stay(monkeypatch):
     from engine.config import ConfigError, KernelsConfig
-    from engine.train.kernels import select_kernels
-    from kernels.attention import dispatch, get_default_backend
-    from kernels.infonce import get_infonce_backend
+    from engine.kernels.select import select_kernels
+    from engine.kernels.attention import dispatch, get_default_backend
+    from engine.kernels.infonce import get_infonce_backend
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     cases = [  # (installed packages, device, config, what the one line says)

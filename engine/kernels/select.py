@@ -19,10 +19,10 @@ from engine.config import ConfigError, KernelsConfig
 def select_kernels(cfg: KernelsConfig, device: torch.device) -> dict[str, str]:
     """Make cfg's backends the defaults; return what each resolves to on `device`. A choice that
     cannot run here raises ConfigError and leaves the previous defaults in place."""
-    from kernels.attention import UnknownBackendError, get_default_backend, set_default_backend
-    from kernels.attention import resolve_backend as resolve_attention
-    from kernels.infonce import get_infonce_backend, set_infonce_backend
-    from kernels.infonce import resolve_backend as resolve_infonce
+    from engine.kernels.attention import UnknownBackendError, get_default_backend, set_default_backend
+    from engine.kernels.attention import resolve_backend as resolve_attention
+    from engine.kernels.infonce import get_infonce_backend, set_infonce_backend
+    from engine.kernels.infonce import resolve_backend as resolve_infonce
 
     previous = get_default_backend(), get_infonce_backend()
     try:

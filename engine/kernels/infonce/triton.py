@@ -1,6 +1,6 @@
 """Triton kernels for the InfoNCE candidate log-sum-exp: forward, dq and dk, never the (B, N) logits.
 
-Imported only when the 'triton' backend is chosen (kernels/infonce/__init__.py). The spec is
+Imported only when the 'triton' backend is chosen (engine/kernels/infonce/__init__.py). The spec is
 reference.candidate_lse_reference; this file must agree with it.
 
 Forward (_lse_forward_kernel), grid (query blocks, candidate splits): a program holds
@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.infonce.reference import margin_threshold
+from engine.kernels.infonce.reference import margin_threshold
 
 SCRATCH_BYTES = 512 * 2**20  # cap on the dq partials of a split launch
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

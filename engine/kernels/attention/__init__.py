@@ -8,7 +8,7 @@ layout. `return_lse=True` also returns the log-sum-exp (Hq, total) float32, natu
 log, which ring attention needs to merge partial results. See dispatch.py for how the
 backend is chosen and reference.py for the PyTorch spec.
 """
-from kernels.attention.dispatch import (
+from engine.kernels.attention.dispatch import (
     attention,
     attention_block,
     attention_block_backward,

@@ -27,7 +27,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from kernels.attention.dispatch import UnknownBackendError
+from engine.kernels.attention.dispatch import UnknownBackendError
 
 
 def _flash_attn():

@@ -23,8 +23,8 @@ import os
 
 from torch import Tensor
 
-from kernels.infonce.chunked import chunked_candidate_lse
-from kernels.infonce.reference import candidate_lse_reference, positive_scores
+from engine.kernels.infonce.chunked import chunked_candidate_lse
+from engine.kernels.infonce.reference import candidate_lse_reference, positive_scores
 
 BACKENDS = ("auto", "torch", "triton")
 _default_backend = "auto"
@@ -75,7 +75,7 @@ def candidate_lse(
     kwargs = dict(temperature=temperature, group_size=group_size, false_negative_margin=false_negative_margin,
                   exclude_positive=exclude_positive, extra_lse=extra_lse)
     if resolve_backend(backend, q.device.type) == "triton":
-        triton_path = importlib.import_module("kernels.infonce.triton")
+        triton_path = importlib.import_module("engine.kernels.infonce.triton")
         return triton_path.triton_candidate_lse(q, k, positive, **kwargs)
     return chunked_candidate_lse(q, k, positive, **kwargs)
 

@@ -1,7 +1,7 @@
 """Which function computes attention: a registry of named backends and the 'auto' rule.
 
 The model calls `attention(...)` and never names a backend; the run picks one with
-`set_default_backend(cfg.kernels.attention)` (engine/train/kernels.py; `with use_backend(name):` in a test).
+`set_default_backend(cfg.kernels.attention)` (engine/kernels/select.py; `with use_backend(name):` in a test).
 A backend is any function with attention_reference's signature, plus optionally the per-block
 pair ring attention uses (block.py's contract). Backends register as "module:function" and
 are imported on first use only, so a missing optional package costs nothing until someone
@@ -34,10 +34,10 @@ class UnknownBackendError(ValueError):
 
 # name -> the function, or "module:function" until it is first used
 _REGISTRY: dict[str, AttentionFn | str] = {
-    "torch": "kernels.attention.reference:attention_reference",
-    "sdpa": "kernels.attention.reference:attention_reference",  # the name configs use for PyTorch's SDPA
-    "triton": "kernels.attention.triton:attention_triton",
-    "flash_attn": "kernels.attention.flash:attention_flash",
+    "torch": "engine.kernels.attention.reference:attention_reference",
+    "sdpa": "engine.kernels.attention.reference:attention_reference",  # the name configs use for PyTorch's SDPA
+    "triton": "engine.kernels.attention.triton:attention_triton",
+    "flash_attn": "engine.kernels.attention.flash:attention_flash",
 }
 # name -> the top-level package it needs; 'auto' skips a backend whose package is not installed
 _REQUIRES: dict[str, str] = {"triton": "triton", "flash_attn": "flash_attn"}
@@ -49,10 +49,10 @@ _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 # name -> (block forward, block backward): per-block attention with its LSE, for ring attention
 # (see block.py); a backend without an entry cannot serve ring attention.
 _BLOCK_REGISTRY: dict[str, tuple[Callable | str, Callable | str]] = {
-    "torch": ("kernels.attention.block:block_forward", "kernels.attention.block:block_backward"),
-    "sdpa": ("kernels.attention.block:block_forward", "kernels.attention.block:block_backward"),
-    "triton": ("kernels.attention.triton:block_forward", "kernels.attention.triton:block_backward"),
-    "flash_attn": ("kernels.attention.flash:block_forward", "kernels.attention.flash:block_backward"),
+    "torch": ("engine.kernels.attention.block:block_forward", "engine.kernels.attention.block:block_backward"),
+    "sdpa": ("engine.kernels.attention.block:block_forward", "engine.kernels.attention.block:block_backward"),
+    "triton": ("engine.kernels.attention.triton:block_forward", "engine.kernels.attention.triton:block_backward"),
+    "flash_attn": ("engine.kernels.attention.flash:block_forward", "engine.kernels.attention.flash:block_backward"),
 }
 _default_backend = "auto"
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.infonce.reference import margin_threshold
+from engine.kernels.infonce.reference import margin_threshold
 
 # Score elements per tile (rows = TILE_ELEMENTS // N, a 64 MiB float32 block). Measured on the
 # 2-core development VM, float32, d = 1024, forward + backward (bench/kernels.py --tiles),
