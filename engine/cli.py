@@ -38,6 +38,9 @@ def compose(overrides: list[str], config_name: str = "train") -> tuple[RunConfig
         cfg: RunConfig = OmegaConf.to_object(node)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_unparsable_override(overrides) or _one_line(err)) from None
+    except (AttributeError, AssertionError) as err:
+        # OmegaConf's own slips on odd merges (a dict into a null node): still the user's line, not a traceback.
+        raise ConfigError(_one_line(err)) from None
     return cfg, OmegaConf.to_yaml(node)
 
 

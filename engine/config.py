@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     # A Hugging Face folder (config.json + safetensors + tokenizer) of a supported family.
-    # Empty: build from the architecture fields below with random weights.
-    path: str = ""
+    # null (or ""): build from the architecture fields below with random weights.
+    path: Optional[str] = None
     # Architecture for random init or dry runs (ignored when `path` is set).
     family: str = "llama"  # llama | qwen2 | qwen3 | mistral
     vocab_size: int = 512
@@ -36,11 +36,13 @@ class ModelConfig:
     num_kv_heads: int = 2
     head_dim: int = 0  # 0 = hidden_size // num_heads
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None  # HF rope_scaling dict (Llama 3 style)
+    # HF rope_scaling dict (Llama 3 style); {} or null = plain RoPE. {} rather than null by default:
+    # OmegaConf cannot merge a command-line dict into a null node (model.rope_scaling={rope_type:...}).
+    rope_scaling: Optional[dict[str, Any]] = field(default_factory=dict)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
-    tokenizer: str = ""  # tokenizer folder for random-init models; "" = byte-level test tokenizer
+    tokenizer: Optional[str] = None  # tokenizer folder for random-init models; null = byte-level test tokenizer
     # Behaviour
     causal: bool = True  # false = bidirectional attention (some embedding recipes)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
@@ -97,8 +99,8 @@ class TaskConfig:
 class DataConfig:
     # Sequences are always packed with cu_seqlens (no padding anywhere in training): varlen
     # attention makes a padded batch strictly slower, so there is no switch for it.
-    train: str = ""  # JSONL file (ms-swift or FlagEmbedding format, see docs/data.md)
-    eval: str = ""  # held-out JSONL in the same formats; "" = no evaluation
+    train: Optional[str] = None  # JSONL file (ms-swift or FlagEmbedding format, see docs/data.md)
+    eval: Optional[str] = None  # held-out JSONL in the same formats; null = no evaluation
     on_error: str = "fail"  # fail | skip: what a malformed line does
     query_max_len: int = 128  # tokens, template included
     doc_max_len: int = 512
@@ -127,7 +129,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # 0 = keep all
     eval_every: int = 0  # steps between evaluations; 0 = start and end only
     log_every: int = 1
-    resume: str = ""  # "" = fresh | auto = newest complete checkpoint in output_dir | a checkpoint folder
+    resume: Optional[str] = None  # null = fresh | auto = newest complete checkpoint in output_dir | a checkpoint folder
     dry_run: bool = False  # build on meta, validate, print sizes and memory; allocate nothing
     # Activation recomputation in backward: none | selective (the attention core of each block)
     # | full (each block, keeping only its input). Never changes results.
@@ -141,7 +143,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 32  # sequences per forward pass
     k: list[int] = field(default_factory=lambda: [1, 10])
-    save_run: str = ""  # write the ranking as a TREC run file
+    save_run: Optional[str] = None  # write the ranking as a TREC run file; null = don't
     max_queries: int = 0  # 0 = all
 
 
@@ -160,7 +162,7 @@ class ParallelConfig:
 class ExportConfig:
     merge_lora: bool = True  # false: write a PEFT adapter folder instead
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    output_dir: str = ""  # when set, train.py exports the final model here at the end of training
+    output_dir: Optional[str] = None  # when set, train.py exports the final model here at the end of training
 
 
 @dataclass

@@ -134,8 +134,8 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
     return read_trainer_state(path)
 
 
-def resolve_resume(resume: str, run_dir: str) -> str | None:
-    """train.resume: '' (fresh), 'auto' (newest complete checkpoint, or fresh), or a folder."""
+def resolve_resume(resume: str | None, run_dir: str) -> str | None:
+    """train.resume: null or "" (fresh), 'auto' (newest complete checkpoint, or fresh), or a folder."""
     if not resume:
         if list_checkpoints(run_dir):
             from engine.config import ConfigError
