@@ -15,7 +15,7 @@ pytest process) and in each layout (spawned ranks running the real Trainer). Com
   per tensor, plus embedding rows of tokens the batch never used, whose gradient is 0).
 The held-out metrics after the steps (evaluation is split over dp ranks) must agree too.
 Context-parallel layouts are held to 3e-5 for gradients and atol 1e-5 for parameters (see
-CP_TOLERANCE for why); losses and clip norms to the same 1e-5.
+CP_TOLERANCE for why); losses to the same 1e-5, clip norms to the gradients' 3e-5.
 Layouts: tp 2 and 4 with sequence parallelism on and off (tp 4 with 2 KV heads replicates
 KV heads), dp 2, dp 2 x tp 2; context parallelism: ulysses 2 and 4 (4 repeats the 2 KV heads),
 ring 2 and 4, ring 2 x ulysses 2, tp 2 x ulysses 2, dp 2 x ring 2; and for the embedding task
@@ -270,9 +270,13 @@ ALL_JOBS = [key for world in (2, 4) for key in jobs_for(world)]
 def test_layout_matches_single_process(task, extra, layout, parallel_results, reference):
     ref, got = reference(task, extra), parallel_results[(task, extra, layout)]
     grad_tol, param_atol = CP_TOLERANCE if extra.startswith("short") else (1e-5, 1e-6)
+    # The clip norm of a step after the first is taken at parameters that AdamW's amplified noise has
+    # already moved (see CP_TOLERANCE): it gets the gradients' tolerance (measured: 1.15e-5 at step 2
+    # of full-qwen3-short under every context-parallel layout, on an AVX-512 Xeon).
+    tolerance = {"loss": 1e-5, "grad_norm": grad_tol}
     for step in range(STEPS):
         for key in ("loss", "grad_norm"):
-            assert got[key][step] == pytest.approx(ref[key][step], rel=1e-5), f"{key} at step {step + 1}"
+            assert got[key][step] == pytest.approx(ref[key][step], rel=tolerance[key]), f"{key} at step {step + 1}"
     assert set(got["grads"]) == set(ref["grads"]) and ref["grads"], "the same parameters must have gradients"
     scale = _median_norm(ref["grads"])
     for name, grad in ref["grads"].items():
