@@ -12,6 +12,8 @@ few rows with `lm_head_rows` for a reranker's yes/no score).
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -26,6 +28,20 @@ from engine.model.rope import RotaryEmbedding
 
 class InputError(ValueError):
     """Inputs to Transformer.forward that do not describe a batch."""
+
+
+class StreamLayout(NamedTuple):
+    """The packed stream as this rank computes on it (Transformer.lay_out); every pipeline stage
+    lays out the same one from the batch, so only the hidden states travel between stages."""
+
+    input_ids: Tensor  # (T_local,)
+    position_ids: Tensor  # (T_local,)
+    cu_seqlens: Tensor  # (n_local + 1,) int32
+    max_seqlen: int
+    seq_lens: Tensor | None  # whole-sequence lengths under context parallelism, else None
+    tokens: int  # T of the stream handed in (before padding or sharding)
+    global_cu_seqlens: Tensor  # the cu_seqlens handed in
+    context_shard: Any  # ContextParallel's shard of the stream, or None
 
 
 class DecoderLayer(nn.Module):
@@ -161,32 +177,49 @@ class Transformer(nn.Module):
 
         Under context parallelism the rows of tokens another rank holds are zeros: per-sequence
         results computed from them are partial and summed over ranks by reduce_shards(). With
-        `pooling` each rank pools its own rows and the (T, hidden) stream is never built."""
+        `pooling` each rank pools its own rows and the (T, hidden) stream is never built.
+        The three parts are the pieces a pipeline stage runs: embed on the first stage, a slice
+        of the layers on each, finish on the last; every stage lays out the same stream."""
+        stream = self.lay_out(input_ids, position_ids, cu_seqlens, max_seqlen)
+        x = self.run_layers(self.embed(stream), stream)
+        return self.finish(x, stream, pooling)
+
+    def lay_out(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> StreamLayout:
+        """What this rank computes on: its context-parallel shard of the stream, or the stream
+        padded to the sequence-parallel multiple. Cheap (index arithmetic), so each stage redoes it."""
         if input_ids.shape != position_ids.shape:
             raise InputError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} differ")
         tokens, global_cu_seqlens = input_ids.shape[0], cu_seqlens
-        seq_lens = stream = None
         if self.context_parallel is not None:
-            stream = self.context_parallel.shard(input_ids, position_ids, cu_seqlens)
-            input_ids, position_ids, cu_seqlens = stream.input_ids, stream.position_ids, stream.cu_seqlens
-            max_seqlen, seq_lens = stream.max_seqlen, stream.seq_lens
-        else:
-            input_ids, position_ids, cu_seqlens, max_seqlen = pad_packed(
-                input_ids, position_ids, cu_seqlens, max_seqlen, self.sequence_pad_multiple
-            )
-        x = self.model.embed_tokens(input_ids)  # (T, hidden), or this rank's slice of T
-        cos, sin = self.rotary(position_ids, x.dtype)  # (T, head_dim) each
-        for layer in self.model.layers:
+            shard = self.context_parallel.shard(input_ids, position_ids, cu_seqlens)
+            return StreamLayout(shard.input_ids, shard.position_ids, shard.cu_seqlens, shard.max_seqlen,
+                               shard.seq_lens, tokens, global_cu_seqlens, shard)
+        padded = pad_packed(input_ids, position_ids, cu_seqlens, max_seqlen, self.sequence_pad_multiple)
+        return StreamLayout(*padded, None, tokens, global_cu_seqlens, None)
+
+    def embed(self, stream: StreamLayout) -> Tensor:
+        return self.model.embed_tokens(stream.input_ids)  # (T, hidden), or this rank's slice of T
+
+    def run_layers(self, x: Tensor, stream: StreamLayout, layers: nn.ModuleList | None = None) -> Tensor:
+        """x through `layers` (default: all of them; a pipeline stage passes its own)."""
+        cos, sin = self.rotary(stream.position_ids, x.dtype)  # (T, head_dim) each
+        args = (cos, sin, stream.cu_seqlens, stream.max_seqlen, stream.seq_lens)
+        for layer in self.model.layers if layers is None else layers:
             if self.recompute == "full" and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, seq_lens, use_reentrant=False)
+                x = checkpoint(layer, x, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen, seq_lens)
+                x = layer(x, *args)
+        return x
+
+    def finish(self, x: Tensor, stream: StreamLayout, pooling: str | None = None) -> Tensor:
+        """Final norm, the sequence-parallel gather, and either the token stream or its pooled rows."""
         hidden = self.output_gather(self.model.norm(x))
-        if stream is not None:
+        if stream.context_shard is not None:
             if pooling is not None:
-                return self.context_parallel.pool(hidden, stream, global_cu_seqlens, pooling)
-            return self.context_parallel.unshard(hidden, stream, tokens)
-        return hidden[:tokens] if pooling is None else pool(hidden[:tokens], global_cu_seqlens, pooling)
+                return self.context_parallel.pool(hidden, stream.context_shard, stream.global_cu_seqlens, pooling)
+            return self.context_parallel.unshard(hidden, stream.context_shard, stream.tokens)
+        hidden = hidden[:stream.tokens]
+        return hidden if pooling is None else pool(hidden, stream.global_cu_seqlens, pooling)
 
     def reduce_shards(self, per_sequence: Tensor) -> Tensor:
         """Per-sequence results (pooled vectors, scores) computed from forward()'s hidden states,
