@@ -76,6 +76,6 @@ def encode_tokens(task, token_lists, batch_size, device, autocast_dtype=None) ->
     task.eval()
     try:
         return run_packed(task.encode_tower, token_lists, batch_size, device, autocast_dtype,
-                          dp_group=getattr(task, "dp_group", None))
+                          dp_group=task.dp_group)
     finally:
         task.train(was_training)

@@ -39,6 +39,13 @@ def shard_data_parallel(task: nn.Module, mesh: ParallelMesh) -> None:
     register_fsdp_forward_method(task, "encode_tower")
 
 
+def set_gradient_sync(task: nn.Module, mesh: ParallelMesh, enabled: bool) -> None:
+    """Whether the next backward reduces gradients over dp: FSDP2 does at every backward unless told
+    not to, and between the micro-batches of one step it need not (the last one reduces the sum)."""
+    if mesh.dp_sp > 1:
+        task.set_requires_gradient_sync(enabled)
+
+
 def _square_sum_counted_once(grad: Tensor) -> Tensor:
     """Sum of squares of this rank's part of grad, zero where another rank holds the same copy.
 

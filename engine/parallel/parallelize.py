@@ -44,7 +44,7 @@ def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool,
         load_weights(task)
     if mesh.dp_sp > 1:
         shard_data_parallel(task, mesh)
-    if mesh.dp > 1 and hasattr(task, "dp_group"):
+    if mesh.dp > 1:
         task.dp_group = mesh.group("dp")
     return task
 

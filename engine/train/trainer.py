@@ -1,5 +1,6 @@
-"""The training loop: sample, collate, forward/backward (plain, accumulated or grad-cached),
-clip, step, log, evaluate, checkpoint, on one process or on a parallel layout.
+"""The training loop: sample, collate, forward/backward (the schedule picked once, see
+engine/train/schedule.py), clip, step, log, evaluate, checkpoint, on one process or on a
+parallel layout.
 
 Parallel layouts (engine/parallel): every rank builds the same model, then parallelize()
 keeps its tensor-parallel slice and FSDP2 shards the rest over data-parallel ranks. Each
@@ -28,16 +29,16 @@ from engine.data.formats import load_examples
 from engine.data.sampler import BatchSampler, derived_seed
 from engine.data.tokenize import TextEncoder
 from engine.train import checkpoint as ckpt
-from engine.parallel.data import clip_grad_norm, gather_full_parameters, reduce_mean, reduce_sum
+from engine.parallel.data import clip_grad_norm, gather_full_parameters, reduce_mean, reduce_sum, set_gradient_sync
 from engine.parallel.load import fill_meta_parameters
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.parallelize import parallelize
-from engine.train.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
+from engine.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
 from engine.kernels.select import select_kernels
 from engine.train.evaluate import evaluate_task
-from engine.train.grad_cache import grad_cache_step
 from engine.train.logger import MetricsLogger
 from engine.train.optim import build_optimizer, build_scheduler
+from engine.train.schedule import select_forward_backward
 
 
 class TrainingAborted(RuntimeError):
@@ -101,6 +102,9 @@ class Trainer:
             + (f", sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}" if self.mesh.tp > 1 else ""))
         self.log(f"kernels: attention {self.kernels['attention']}, infonce {self.kernels['infonce']}")
 
+        # How a step's micro-batches become gradients: chosen here, once (engine/train/schedule.py).
+        self.forward_backward = select_forward_backward(
+            cfg.train, self._autocast, lambda enabled: set_gradient_sync(self.model, self.mesh, enabled))
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.sampler = BatchSampler(len(self.train_examples), cfg.train.batch_size, cfg.train.seed)
@@ -124,7 +128,7 @@ class Trainer:
     def _load_slices(self, task) -> None:
         from engine.model.hf_io import CheckpointSlices
         from engine.parallel.load import load_local_shards
-        from engine.train.build import resolve_dtype
+        from engine.build import resolve_dtype
 
         slices = CheckpointSlices(self.cfg.model.path, task.backbone.args)
         dtype = resolve_dtype(self.cfg.model.dtype, self.device)
@@ -191,22 +195,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _forward_backward(self, batch, loss_scale: float) -> float:
-        if self.cfg.train.grad_cache:
-            towers = [
-                (self.model.encode_tower, seqs.chunks(self.cfg.train.grad_cache_chunk))
-                for seqs in self.model.towers(batch)
-            ]
-            with self._autocast():
-                loss = grad_cache_step(towers, lambda outputs: self.model.loss_from_outputs(outputs, batch) * loss_scale)
-            return float(loss) / loss_scale
-        with self._autocast():
-            # Tower by tower through encode_tower (the FSDP-registered forward), then the loss.
-            outputs = [self.model.encode_tower(seqs) for seqs in self.model.towers(batch)]
-            loss = self.model.loss_from_outputs(outputs, batch)
-        (loss * loss_scale).backward()
-        return float(loss.detach())
-
     def train_step(self) -> dict:
         cfg = self.cfg.train
         indices = self.sampler.indices(self.step)
@@ -219,14 +207,13 @@ class Trainer:
         # Dropout draws from (seed, step, dp rank): tp ranks share masks, dp ranks (different
         # queries) do not, and a resumed run draws what the uninterrupted one did in any layout.
         torch.manual_seed(derived_seed(cfg.seed, "dropout", self.step, self.mesh.dp_rank))
-        loss, tokens = 0.0, 0
-        for part in range(cfg.grad_accum):
-            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last micro-batch
-                self.model.set_requires_gradient_sync(part == cfg.grad_accum - 1)
-            batch = self.collator(examples[part * micro : (part + 1) * micro], self.step,
-                                  first_position=part * micro, rows=own_rows).to(self.device)
-            tokens += batch.num_tokens
-            loss += self._forward_backward(batch, 1.0 / cfg.grad_accum) / cfg.grad_accum
+        micro_batches = [
+            self.collator(examples[part * micro : (part + 1) * micro], self.step, first_position=part * micro,
+                          rows=own_rows).to(self.device)
+            for part in range(cfg.grad_accum)
+        ]
+        tokens = sum(batch.num_tokens for batch in micro_batches)
+        loss = self.forward_backward(self.model, micro_batches)
         # Every dp rank averaged over its own queries; their mean is the global batch's loss.
         loss, tokens = reduce_mean(loss, self.mesh), reduce_sum(tokens, self.mesh)
         lr = self.optimizer.param_groups[0]["lr"]

@@ -83,3 +83,14 @@ def test_distill_without_teacher_scores_is_a_clear_error():
     task = RerankerTask(tiny_backbone(), TaskConfig(type="reranker", loss="distill"), yes_no_ids=(1, 2))
     with pytest.raises(ValueError, match="teacher scores"):
         task(RerankerBatch(pairs=PackedSequences.from_token_lists(SEQS), group_size=2))
+
+
+@pytest.mark.parametrize("task_type", ["embedding", "reranker"])
+def test_both_tasks_meet_the_task_contract(task_type):
+    """Schedules, evaluation and FSDP meet tasks only through engine.tasks.protocol.Task."""
+    from engine.tasks import build_task
+    from engine.tasks.protocol import Task
+
+    task = build_task(tiny_backbone(), TaskConfig(type=task_type, head="linear"))
+    assert isinstance(task, Task)
+    assert task.dp_group is None  # one process: no data-parallel group

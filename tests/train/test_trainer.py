@@ -112,7 +112,7 @@ def test_grad_cache_step_equals_plain_step(tmp_path, tiny_data, task):
     for trainer in (plain, cached):
         trainer.model.double()
         batch = trainer.collator([trainer.train_examples[i] for i in trainer.sampler.indices(0)], 0)
-        loss = trainer._forward_backward(batch, 1.0)
+        loss = trainer.forward_backward(trainer.model, [batch])
     assert plain.params and len(plain.params) == len(cached.params)
     for (name, p), (_, q) in zip(plain.model.named_parameters(), cached.model.named_parameters()):
         if p.requires_grad:

@@ -1,0 +1,67 @@
+"""How one optimizer step's micro-batches become gradients: one function per run, chosen once.
+
+    forward_backward = select_forward_backward(cfg.train, autocast, set_gradient_sync)
+    loss = forward_backward(task, micro_batches)  # .grad accumulated over them; returns their mean loss
+
+plain        each micro-batch: every tower, the loss, backward. With train.grad_accum > 1 the
+             negative pool is the micro-batch's (the trainer warns).
+grad_cache   each micro-batch through GradCache (engine/train/grad_cache.py): embedded without a
+             graph, the loss's gradient per output row cached, then each chunk of
+             train.grad_cache_chunk sequences replayed with its graph; the pool stays the micro-batch's
+             while activation memory is one chunk's.
+
+The trainer calls the function it was handed and never branches on the schedule; tasks are met
+only through their contract (engine/tasks/protocol.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from engine.config import TrainConfig
+from engine.tasks.protocol import Task
+from engine.train.grad_cache import grad_cache_step
+
+ForwardBackward = Callable[[Task, Sequence[Any]], float]
+
+
+def select_forward_backward(
+    cfg: TrainConfig,
+    autocast: Callable[[], AbstractContextManager],
+    set_gradient_sync: Callable[[bool], None],
+) -> ForwardBackward:
+    """autocast() opens the run's mixed-precision context; set_gradient_sync(enabled) tells the
+    data-parallel wrapper whether this backward must reduce gradients (only the last micro-batch's)."""
+    one = _grad_cached(cfg.grad_cache_chunk, autocast) if cfg.grad_cache else _plain(autocast)
+
+    def forward_backward(task: Task, micro_batches: Sequence[Any]) -> float:
+        total = 0.0
+        for index, batch in enumerate(micro_batches):
+            set_gradient_sync(index == len(micro_batches) - 1)
+            total += one(task, batch, 1.0 / len(micro_batches))
+        return total / len(micro_batches)
+
+    return forward_backward
+
+
+def _plain(autocast):
+    def one(task: Task, batch: Any, loss_scale: float) -> float:
+        with autocast():
+            # Tower by tower through encode_tower (the FSDP-registered forward), then the loss.
+            outputs = [task.encode_tower(seqs) for seqs in task.towers(batch)]
+            loss = task.loss_from_outputs(outputs, batch)
+        (loss * loss_scale).backward()
+        return float(loss.detach())
+
+    return one
+
+
+def _grad_cached(chunk: int, autocast):
+    def one(task: Task, batch: Any, loss_scale: float) -> float:
+        towers = [(task.encode_tower, seqs.chunks(chunk)) for seqs in task.towers(batch)]
+        with autocast():
+            loss = grad_cache_step(towers, lambda outputs: task.loss_from_outputs(outputs, batch) * loss_scale)
+        return float(loss) / loss_scale
+
+    return one
