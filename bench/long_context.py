@@ -74,7 +74,7 @@ from engine.parallel.layout import Layout, check_model_fits_layout  # noqa: E402
 from engine.parallel.mesh import init_mesh  # noqa: E402
 from engine.parallel.parallelize import parallelize  # noqa: E402
 from engine.parallel.spawn import spawn_ranks  # noqa: E402
-from engine.train.build import build_task_model, load_tokenizer, model_args  # noqa: E402
+from engine.build import build_task_model, load_tokenizer, model_args  # noqa: E402
 
 MiB = 1024**2
 SHORT = 64  # tokens of the query and of the hard negative

@@ -53,7 +53,7 @@ def load_task_model(path: str, task_cfg: TaskConfig, data_cfg: DataConfig, causa
     from engine.data.tokenize import TextEncoder
     from engine.model.hf_io import load_pretrained
     from engine.tasks import build_task
-    from engine.train.build import load_tokenizer
+    from engine.build import load_tokenizer
 
     device = torch.device(device)
     tokenizer = load_tokenizer(ModelConfig(path=path))
@@ -81,7 +81,7 @@ def _read_tensor(path: str, name: str) -> torch.Tensor:
 
 
 def _load(path: str, task_type: str, overrides: dict):
-    from engine.train.build import resolve_device
+    from engine.build import resolve_device
 
     device = resolve_device(overrides.pop("device", "auto"))
     dtype = overrides.pop("dtype", torch.float32)

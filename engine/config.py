@@ -239,9 +239,7 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     if not m.path:
         _validate_architecture(m)
     if cfg.export.output_dir and t.type == "embedding":
-        from engine.export import check_sentence_transformers_templates
-
-        check_sentence_transformers_templates(t)
+        check_prefix_templates(t)
     for key in ("tp", "pp", "ulysses", "ring"):
         _positive(f"parallel.{key}", getattr(p, key))
     if not tr.dry_run:
@@ -254,6 +252,18 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
             raise ConfigError(f"data.eval={d.eval}: no such file")
         if m.path and not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path={m.path}: no config.json there (a Hugging Face model folder is expected)")
+
+
+def check_prefix_templates(t: TaskConfig) -> None:
+    """sentence-transformers prompts are prefixes: templates with text after the slot cannot export
+    (checked at startup when the run exports, and again by engine.export)."""
+    for key, slot in (("query_template", "{query}"), ("doc_template", "{document}")):
+        template = getattr(t, key)
+        if template.partition(slot)[2]:
+            raise ConfigError(
+                f"task.{key}={template!r} has text after {slot}: sentence-transformers prompts are prefixes, "
+                "so an embedding with this template cannot be exported for it"
+            )
 
 
 def _validate_architecture(m: ModelConfig) -> None:

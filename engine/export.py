@@ -20,8 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from engine.config import RunConfig
-from engine.train.build import DTYPES
+from engine.config import RunConfig, check_prefix_templates
+from engine.build import DTYPES
 
 TASK_FILE = "ember_task.json"
 _FAMILY_CLASS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
@@ -37,7 +37,7 @@ def load_run_config(checkpoint_dir: str) -> RunConfig:
 
 def export_checkpoint(checkpoint_dir: str, output_dir: str, merge_lora: bool | None = None,
                       dtype: str | None = None) -> str:
-    from engine.train.build import build_task_model, load_tokenizer
+    from engine.build import build_task_model, load_tokenizer
     from engine.train.checkpoint import load_checkpoint
 
     cfg = load_run_config(checkpoint_dir)
@@ -191,19 +191,6 @@ def _save_tokenizer(tokenizer, folder: str, append_eos: bool) -> None:
             json.dump(tok_config, f, indent=1)
 
 
-def check_sentence_transformers_templates(task_cfg) -> None:
-    """sentence-transformers prompts are prefixes: templates with text after the slot cannot export."""
-    from engine.config import ConfigError
-
-    for key, slot in (("query_template", "{query}"), ("doc_template", "{document}")):
-        template = getattr(task_cfg, key)
-        if template.partition(slot)[2]:
-            raise ConfigError(
-                f"task.{key}={template!r} has text after {slot}: sentence-transformers prompts are prefixes, "
-                "so an embedding with this template cannot be exported for it"
-            )
-
-
 def query_prompt(task_cfg) -> str:
     """The text before the query in the query template."""
     if not task_cfg.query_instruction:
@@ -213,7 +200,7 @@ def query_prompt(task_cfg) -> str:
 
 def _write_sentence_transformers_files(cfg: RunConfig, hidden: int, folder: str) -> None:
     t = cfg.task
-    check_sentence_transformers_templates(t)
+    check_prefix_templates(t)
     doc_prefix = t.doc_template.partition("{document}")[0]
     if cfg.data.query_max_len != cfg.data.doc_max_len:
         # sentence-transformers truncates every text at one length; the engine cuts queries and

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
 
     from engine.api import load_task_model
     from engine.data.formats import load_examples
-    from engine.train.build import autocast_dtype, resolve_device
+    from engine.build import autocast_dtype, resolve_device
     from engine.train.evaluate import evaluate_task
     from engine.kernels.select import select_kernels
 

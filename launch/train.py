@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     # The layout is checked against the model and batch before any process group or model exists.
     from engine.parallel.layout import check_trainable_layout, layout_from_config
     from engine.parallel.mesh import init_mesh, shutdown
-    from engine.train.build import model_args, resolve_device
+    from engine.build import model_args, resolve_device
 
     layout = layout_from_config(cfg.parallel, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_trainable_layout(cfg, layout, model_args(cfg.model))

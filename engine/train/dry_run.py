@@ -7,7 +7,7 @@ import time
 import torch
 
 from engine.parallel.layout import check_batch_fits_layout, check_model_fits_layout, layout_from_config
-from engine.train.build import model_args
+from engine.build import model_args
 from engine.train.memory import plan_memory
 
 

@@ -36,7 +36,7 @@ def _compare(rank: int, world: int, folder: str, out: str) -> None:
     from engine.model.hf_io import CheckpointSlices
     from engine.parallel.load import load_local_shards
     from engine.parallel.parallelize import parallelize
-    from engine.train.build import build_task_model
+    from engine.build import build_task_model
 
     torch.set_num_threads(1)
     mesh = init_mesh(Layout(tp=world), torch.device("cpu"))
@@ -94,7 +94,7 @@ def test_a_folder_that_disagrees_with_its_config_is_refused(tmp_path):
     from engine.data.byte_tokenizer import byte_tokenizer
     from engine.model.hf_io import CheckpointError, CheckpointSlices
     from engine.parallel.load import load_local_shards
-    from engine.train.build import build_task_model
+    from engine.build import build_task_model
 
     folder = str(tmp_path / "model")
     _write_model(folder, tie=True)

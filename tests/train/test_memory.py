@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from engine.cli import compose
 from engine.parallel.layout import Layout
-from engine.train.build import model_args
+from engine.build import model_args
 from engine.train.memory import lora_parameter_count, plan_memory
 
 
