@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from tests.conftest import run_entry, synthetic_examples, write_jsonl
@@ -78,6 +79,9 @@ def test_every_real_size_experiment_validates():
     for exp in ("embedding_qwen3_8b", "reranker_qwen3_8b", "embedding_70b", "reranker_70b"):
         result = run_entry("train.py", f"+exp={exp}", "train.dry_run=true")
         assert result.returncode == 0, (exp, result.stderr)
+        if exp.endswith("70b"):  # pp 2: each stage's layers and memory, by the stage rule
+            assert "  stage 0: embedding + layers 0-" in result.stdout, result.stdout
+            assert re.search(r"  stage 1: layers \d+-79 \+ head: weights .* GiB per rank", result.stdout), result.stdout
 
 
 def test_train_export_evaluate_through_the_command_line(tmp_path):

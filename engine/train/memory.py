@@ -5,10 +5,13 @@ al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"): abou
 in 16-bit with flash attention (no s^2 term), divided by tp under Megatron sequence
 parallelism (s*b*h*(10 + 24/tp) without it) and by ulysses*ring under context parallelism.
 train.recompute=full keeps only each layer's 2-byte input plus one layer being recomputed.
+With pipeline stages (pp > 1) each stage is planned apart: its parameters by the stage rule
+(engine/parallel/pipeline/stages.py) and its activations times the micro-batches 1F1B keeps in
+flight there; the summary line is the heaviest stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GiB = 1024**3
 
@@ -22,18 +25,21 @@ class MemoryPlan:
     grads: float
     optimizer: float
     activations: float
+    stages: list[StageMemory] = field(default_factory=list)  # pp > 1: each stage's rank
 
     @property
     def total(self) -> float:
         return self.weights + self.grads + self.optimizer + self.activations
 
     def lines(self) -> list[str]:
+        where = "memory per rank of the heaviest stage" if self.stages else "memory per rank"
         return [
             f"parameters: {self.total_params / 1e9:.2f}B total, {self.trainable_params / 1e6:.2f}M trainable",
             f"tokens per micro-batch per data-parallel rank: {self.tokens_per_microbatch}",
-            f"memory per rank (estimate): weights {self.weights / GiB:.2f} GiB, grads {self.grads / GiB:.2f} GiB, "
+            f"{where} (estimate): weights {self.weights / GiB:.2f} GiB, grads {self.grads / GiB:.2f} GiB, "
             f"optimizer {self.optimizer / GiB:.2f} GiB, activations {self.activations / GiB:.2f} GiB, "
             f"total {self.total / GiB:.2f} GiB",
+            *(f"  {stage.line()}" for stage in self.stages),
         ]
 
 
@@ -60,33 +66,90 @@ def tokens_per_microbatch(cfg) -> int:
     return queries * (d.query_max_len + group * d.doc_max_len)
 
 
+def micro_batches_per_step(cfg, layout) -> int:
+    """Micro-batches a pipeline streams through per optimizer step: grad-cache chunks, or grad_accum."""
+    t, tr = cfg.task, cfg.train
+    if not tr.grad_cache:
+        return tr.grad_accum
+    queries = tr.batch_size // layout.dp
+    sequences = queries * (1 + t.num_negatives) + (queries if t.type == "embedding" else 0)
+    return -(-sequences // tr.grad_cache_chunk)
+
+
 def plan_memory(cfg, args, total_params: int, layout) -> MemoryPlan:
+    """Per rank of the heaviest pipeline stage (the whole model when pp = 1); plan.stages has each stage."""
+    stages = plan_stage_memory(cfg, args, layout)
+    heaviest = max(stages, key=lambda s: s.total)
     trainable = (
         lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) if cfg.lora.rank > 0 else total_params
     )
+    return MemoryPlan(
+        total_params=total_params,
+        trainable_params=trainable,
+        tokens_per_microbatch=max(1, tokens_per_microbatch(cfg) // layout.dp),
+        weights=heaviest.weights,
+        grads=heaviest.grads,
+        optimizer=heaviest.optimizer,
+        activations=heaviest.activations,
+        stages=stages if layout.pp > 1 else [],
+    )
+
+
+def plan_stage_memory(cfg, args, layout) -> list["StageMemory"]:
+    """Each pipeline stage's rank: its parameters by the stage rule (engine/parallel/pipeline/stages.py),
+    and activations for the micro-batches 1F1B keeps in flight there (pp - stage, at most the step's)."""
+    from engine.parallel.pipeline.stages import plan_stages
+
+    reads_lm_head = cfg.task.type == "reranker" and cfg.task.head == "yes_no"
+    plan = plan_stages(args, layout.pp, head_rows=reads_lm_head)
     weight_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
-    model_shards = layout.tp * layout.pp
+    lora_per_layer = (
+        lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) // args.num_layers if cfg.lora.rank > 0 else 0
+    )
     tokens = max(1, tokens_per_microbatch(cfg) // layout.dp)
     tokens_per_rank = tokens / (layout.ulysses * layout.ring)
-    layers_per_stage = -(-args.num_layers // layout.pp)
     h = args.hidden_size
     # Korthikanti et al.: 34sbh/t with sequence parallelism, sbh(10 + 24/t) without it
     # (norms and dropouts then hold full activations on every tp rank).
     per_token = 34 / layout.tp if cfg.parallel.sequence_parallel or layout.tp == 1 else 10 + 24 / layout.tp
     full_layer = per_token * tokens_per_rank * h
-    # Selective recomputation frees the attention core's own activations, which the fused
-    # varlen kernels assumed here never hold beyond q, k, v, the output and the LSE.
-    if cfg.train.recompute == "full":
-        activations = layers_per_stage * 2 * tokens_per_rank * h + full_layer
-    else:
-        activations = layers_per_stage * full_layer
-    return MemoryPlan(
-        total_params=total_params,
-        trainable_params=trainable,
-        tokens_per_microbatch=tokens,
-        weights=total_params * weight_bytes / model_shards,
-        grads=trainable * 4 / model_shards,
-        # AdamW's two fp32 moments, sharded over every data-parallel replica (ZeRO-1 and up).
-        optimizer=trainable * 8 / model_shards / (layout.dp * layout.ulysses * layout.ring),
-        activations=activations,
-    )
+    micro = micro_batches_per_step(cfg, layout)
+    stages = []
+    for rank in range(layout.pp):
+        params = plan.cost_of(rank)
+        layers = len(plan.layers_of(rank))
+        trainable = layers * lora_per_layer if cfg.lora.rank > 0 else params
+        in_flight = max(1, min(layout.pp - rank, micro))
+        # Selective recomputation frees the attention core's own activations, which the fused
+        # varlen kernels assumed here never hold beyond q, k, v, the output and the LSE.
+        if cfg.train.recompute == "full":
+            activations = in_flight * layers * 2 * tokens_per_rank * h + full_layer
+        else:
+            activations = in_flight * layers * full_layer
+        stages.append(StageMemory(
+            description=plan.describe()[rank],
+            weights=params * weight_bytes / layout.tp,
+            grads=trainable * 4 / layout.tp,
+            # AdamW's two fp32 moments, sharded over every data-parallel replica (ZeRO-1 and up).
+            optimizer=trainable * 8 / layout.tp / (layout.dp * layout.ulysses * layout.ring),
+            activations=activations,
+        ))
+    return stages
+
+
+@dataclass
+class StageMemory:
+    description: str  # "stage 1: layers 40-79 + head"
+    weights: float  # bytes per rank of this stage
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def line(self) -> str:
+        return (f"{self.description}: weights {self.weights / GiB:.2f} GiB, grads {self.grads / GiB:.2f} GiB, "
+                f"optimizer {self.optimizer / GiB:.2f} GiB, activations {self.activations / GiB:.2f} GiB, "
+                f"total {self.total / GiB:.2f} GiB per rank")

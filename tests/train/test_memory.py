@@ -18,13 +18,25 @@ def test_reranker_70b_plan_matches_hand_computed_terms():
     h, kv, ffn = 8192, 8 * 128, 28672
     per_layer = 64 * ((h + h) + (h + kv) * 2 + (h + h) + (h + ffn) * 2 + (ffn + h))
     assert trainable == per_layer * 80 == plan.trainable_params
-    assert plan.weights == total * 2 / 16  # bf16 weights split over tp*pp
-    assert plan.optimizer == trainable * 8 / 16 / (2 * 4 * 2)  # two fp32 moments, ZeRO over dp*ulysses*ring
+    # The stage rule's parameter counts add up to the model's: embedding, 80 layers, untied head + norm.
+    vocab, q = 128256, 64 * 128
+    layer = (h * q + 2 * h * kv + q * h) + 3 * h * ffn + 2 * h
+    embedding, head = vocab * h, vocab * h + h  # the yes/no head reads the untied LM head on the last stage
+    assert embedding + 80 * layer + head == total
+    stage0, stage1 = plan.stages
+    assert stage0.description == "stage 0: embedding + layers 0-39" and stage1.description == "stage 1: layers 40-79 + head"
+    assert stage0.weights == (embedding + 40 * layer) * 2 / 8  # bf16, split over tp
+    assert stage1.weights == (40 * layer + head) * 2 / 8
+    assert stage0.optimizer == 40 * per_layer * 8 / 8 / (2 * 4 * 2)  # two fp32 moments, ZeRO over dp*ulysses*ring
     tokens = 2 * 32768 // 2  # grad-cache chunk of 2 pairs of 32K tokens, over dp=2
     assert plan.tokens_per_microbatch == tokens
     tokens_per_rank = tokens / 8  # ulysses * ring
-    # gradient checkpointing: each stage's 40 layer inputs (2 bytes) + one layer recomputed (34sbh/tp).
-    assert plan.activations == 40 * 2 * tokens_per_rank * h + 34 / 8 * tokens_per_rank * h
+    # Gradient checkpointing: each layer's input (2 bytes) for every micro-batch 1F1B keeps in flight
+    # (2 on the first stage, 1 on the last; 64 grad-cache chunks per step) + one layer recomputed (34sbh/tp).
+    assert stage0.activations == 2 * 40 * 2 * tokens_per_rank * h + 34 / 8 * tokens_per_rank * h
+    assert stage1.activations == 1 * 40 * 2 * tokens_per_rank * h + 34 / 8 * tokens_per_rank * h
+    # The summary is the heaviest stage: the first, whose activations outweigh the head.
+    assert (plan.weights, plan.activations) == (stage0.weights, stage0.activations)
 
 
 def test_without_sequence_parallelism_norm_activations_are_not_split():
