@@ -1,2 +1,2 @@
-"""Pipeline parallelism: the stage split (stages.py). The schedules that drive stages live in
-engine/train/; point-to-point transfers between stages beside this file."""
+"""Pipeline parallelism: which layers each stage holds (stages.py) and the transfers between
+adjacent stages (p2p.py). The schedules that drive stages belong in engine/train/."""
