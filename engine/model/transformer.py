@@ -96,9 +96,14 @@ class Transformer(nn.Module):
 
     # ---- weights ---------------------------------------------------------------------------
     def tie_weights(self) -> None:
-        """Share the embedding with the LM head when the architecture ties them (HF does the same)."""
-        if self.args.tie_word_embeddings:
+        """Share the embedding with the LM head when the architecture ties them (HF does the same).
+        A pipeline stage may hold neither or only one of them (engine/parallel/pipeline/stage.py)."""
+        if self.args.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def held_layers(self) -> list[nn.Module]:
+        """The decoder layers this rank holds: all of them, or a pipeline stage's."""
+        return [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
 
     def _apply(self, fn, recurse=True):
         # .to()/.to_empty() may replace parameters (e.g. meta -> cpu); re-share afterwards.
@@ -125,7 +130,7 @@ class Transformer(nn.Module):
         if mode not in ("none", "selective", "full"):
             raise ValueError(f"recompute={mode!r} is not one of none, selective, full")
         self.recompute = mode
-        for layer in self.model.layers:
+        for layer in self.held_layers():
             layer.self_attn.recompute_core = mode == "selective"
 
     # ---- forward ---------------------------------------------------------------------------
@@ -294,5 +299,6 @@ def _drop_tied_lm_head(module: Transformer, state_dict: dict, prefix: str, local
 
 def _fill_tied_lm_head(module: Transformer, state_dict: dict, prefix: str, *args) -> None:
     embed_key, head_key = prefix + "model.embed_tokens.weight", prefix + "lm_head.weight"
-    if module.args.tie_word_embeddings and head_key not in state_dict and embed_key in state_dict:
+    holds_head = module.lm_head is not None
+    if module.args.tie_word_embeddings and holds_head and head_key not in state_dict and embed_key in state_dict:
         state_dict[head_key] = state_dict[embed_key]

@@ -31,7 +31,7 @@ def shard_data_parallel(task: nn.Module, mesh: ParallelMesh) -> None:
     dp_mesh = mesh.submesh("dp_sp")
     # Gradients are reduced in fp32 whatever the compute dtype (the loss is averaged over many ranks).
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    for layer in task.backbone.model.layers:
+    for layer in task.backbone.held_layers():
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
     fully_shard(task, mesh=dp_mesh, mp_policy=policy)
     # Training and evaluation run the task through encode_tower, not forward(): FSDP must

@@ -54,7 +54,7 @@ def apply_context_parallel(backbone: nn.Module, mesh: ParallelMesh, sequence_par
     tokens_multiple = mesh.tp if sequence_parallel and mesh.tp > 1 else 1
     context = ContextParallel(mesh, backbone.args.causal, tokens_multiple)
     backbone.context_parallel = context
-    for layer in backbone.model.layers:
+    for layer in backbone.held_layers():
         layer.self_attn.context_attention = context.attention
 
 
@@ -62,7 +62,7 @@ def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel
     tp_mesh, group = mesh.submesh("tp"), mesh.group("tp")
     backbone = task.backbone
     args = backbone.args
-    for layer in backbone.model.layers:
+    for layer in backbone.held_layers():
         attn, mlp = layer.self_attn, layer.mlp
         attn.q_proj = ColumnParallelLinear(attn.q_proj, tp_mesh)
         if args.num_kv_heads >= mesh.tp:

@@ -23,11 +23,18 @@ class EmbeddingTask(nn.Module):
         self.cfg = cfg
         self.dp_group = None  # the data-parallel process group, when there is one
 
+    @property
+    def pooling(self) -> str:
+        return self.cfg.pooling
+
     def embed(self, seqs: PackedSequences) -> Tensor:
         pooled = self.backbone(
             seqs.input_ids, position_ids=seqs.position_ids,
-            cu_seqlens=seqs.cu_seqlens, max_seqlen=seqs.max_seqlen, pooling=self.cfg.pooling,
+            cu_seqlens=seqs.cu_seqlens, max_seqlen=seqs.max_seqlen, pooling=self.pooling,
         )  # (n, H)
+        return self.rows_from_pooled(pooled)
+
+    def rows_from_pooled(self, pooled: Tensor) -> Tensor:
         # Under context parallelism each rank pools its own tokens; the sum over ranks is the whole.
         vectors = self.backbone.reduce_shards(pooled.float())
         return F.normalize(vectors, dim=-1) if self.cfg.normalize else vectors

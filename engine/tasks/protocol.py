@@ -26,8 +26,15 @@ class Task(Protocol):
     def towers(self, batch: Any) -> list[PackedSequences]:
         """The batch's sequences, one packed stream per tower."""
 
+    # How the backbone pools each sequence for this task ("last", "mean", "cls").
+    pooling: str
+
     def encode_tower(self, seqs: PackedSequences) -> Tensor:
-        """(num_seqs, ...) float32: one output row per sequence of the stream."""
+        """(num_seqs, ...) float32: one output row per sequence of the stream; the same as
+        rows_from_pooled(backbone(seqs..., pooling=self.pooling))."""
+
+    def rows_from_pooled(self, pooled: Tensor) -> Tensor:
+        """The task's head on the backbone's pooled rows: what a pipeline's last stage applies."""
 
     def loss_from_outputs(self, outputs: list[Tensor], batch: Any) -> Tensor:
         """The mean loss of this rank's share of the batch, from every tower's output."""

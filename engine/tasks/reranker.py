@@ -32,11 +32,16 @@ class RerankerTask(nn.Module):
             device = head_device or embed.device
             self.score = nn.Linear(embed.shape[1], 1, bias=False, dtype=embed.dtype, device=device)
 
+    pooling = "last"  # the score is read at each pair's last token
+
     def scores(self, pairs: PackedSequences) -> Tensor:
         last = self.backbone(
             pairs.input_ids, position_ids=pairs.position_ids,
-            cu_seqlens=pairs.cu_seqlens, max_seqlen=pairs.max_seqlen, pooling="last",
+            cu_seqlens=pairs.cu_seqlens, max_seqlen=pairs.max_seqlen, pooling=self.pooling,
         )  # (num_seqs, H)
+        return self.rows_from_pooled(last)
+
+    def rows_from_pooled(self, last: Tensor) -> Tensor:
         # The head reads the last token where it lies: under context parallelism only that rank's
         # row is non-zero, so the head's gradient is counted once, and the scores are summed over ranks.
         if self.cfg.head == "yes_no":

@@ -1,0 +1,92 @@
+"""One pp rank's part of a task: the layers its chunk holds, and the forward it runs.
+
+keep_stage() drops, in place, what the rank's chunk does not hold (stages.py decides): the other
+decoder layers become NotOnThisStage placeholders, so the held ones keep their global names
+(`model.layers.37...` on whichever stage holds layer 37) and checkpoints, sliced loading and export
+see the single-process names; the embedding stays on the first stage only, the final norm and the
+head on the last (the LM head only where the task reads it: a reranker's yes/no rows).
+
+PipelineStage.forward(seqs, received) is what a schedule (engine/train/pipeline.py) calls per
+micro-batch: every stage lays out the same packed stream from the batch (cheap index arithmetic),
+so only hidden states travel between stages; the first stage embeds, each runs its layers, and
+the last finishes (final norm, pooling) and applies the task's head, returning one row per sequence.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from engine.data.batch import PackedSequences
+from engine.parallel.pipeline.stages import Chunk, StagePlan
+
+
+class StageLayoutError(ValueError):
+    """A model and task this version cannot split into pipeline stages."""
+
+
+class NotOnThisStage(nn.Module):
+    """Stands in for a decoder layer another pipeline stage holds: no parameters, never run."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"decoder layer {self.index} is held by another pipeline stage")
+
+
+def keep_stage(task: nn.Module, chunk: Chunk, reads_lm_head: bool) -> None:
+    """Keep only what `chunk` holds of task.backbone (in place)."""
+    backbone = task.backbone
+    if backbone.args.tie_word_embeddings and reads_lm_head and chunk.head and not chunk.embedding:
+        # The last stage would hold a second copy of the embedding whose gradient must be summed with
+        # the first stage's every step (Megatron's embedding group); not built yet.
+        raise StageLayoutError(
+            "a tied LM head read by the task (task.head=yes_no) on a pipeline stage other than the embedding's "
+            "is not supported yet: use task.head=linear, an untied model, or parallel.pp=1"
+        )
+    layers = backbone.model.layers
+    for index in range(len(layers)):
+        if index not in chunk.layers:
+            layers[index] = NotOnThisStage(index)
+    if not chunk.embedding:
+        backbone.model.embed_tokens = None
+    if not chunk.head:
+        backbone.model.norm = None
+    if not (chunk.head and reads_lm_head):
+        backbone.lm_head = None
+    if not chunk.head:  # the task's own modules (a reranker's linear score) are its head: the last stage's
+        for name, _ in list(task.named_children()):
+            if name != "backbone":
+                setattr(task, name, None)
+    backbone.tie_weights()
+
+
+class PipelineStage:
+    """This rank's chunk of a task, run one micro-batch at a time by a pipeline schedule."""
+
+    def __init__(self, task: nn.Module, plan: StagePlan, pp_rank: int):
+        chunks = plan.chunks_of(pp_rank)
+        if len(chunks) != 1:
+            raise StageLayoutError(f"pp rank {pp_rank} holds {len(chunks)} virtual stages: one per rank is "
+                                   "supported so far")
+        self.task, self.chunk, self.rank, self.size = task, chunks[0], pp_rank, plan.pp
+        self.layers = [task.backbone.model.layers[i] for i in self.chunk.layers]
+
+    @property
+    def is_first(self) -> bool:
+        return self.chunk.embedding
+
+    @property
+    def is_last(self) -> bool:
+        return self.chunk.head
+
+    def forward(self, seqs: PackedSequences, received: Tensor | None) -> Tensor:
+        """received: the previous stage's hidden states (None on the first stage). Returns this stage's
+        hidden states, or on the last stage the task's rows (one per sequence)."""
+        backbone = self.task.backbone
+        stream = backbone.lay_out(seqs.input_ids, seqs.position_ids, seqs.cu_seqlens, seqs.max_seqlen)
+        x = backbone.embed(stream) if self.is_first else received
+        x = backbone.run_layers(x, stream, self.layers)
+        if not self.is_last:
+            return x
+        return self.task.rows_from_pooled(backbone.finish(x, stream, self.task.pooling))
