@@ -67,15 +67,17 @@ def run_packed(forward, token_lists: list[list[int]], batch_size: int, device: t
     return torch.stack(results)
 
 
-def encode_tokens(task, token_lists, batch_size, device, autocast_dtype=None) -> Tensor:
+def encode_tokens(task, token_lists, batch_size, device, autocast_dtype=None, encode=None) -> Tensor:
     """Every text through the task's encode_tower: (num_texts, hidden) embeddings from an
     EmbeddingTask, (num_texts,) scores from a RerankerTask. Dropout is off for the pass, and
     the task's mode is restored afterwards (evaluation runs mid-training). encode_tower, not
-    embed/scores: it is the method a data-parallel (FSDP) model registers as a forward."""
+    embed/scores: it is the method a data-parallel (FSDP) model registers as a forward.
+    `encode` replaces encode_tower where one rank does not hold the whole tower (a pipeline
+    stage: engine.train.pipeline.GPipeSchedule.encode, the rows on every stage)."""
     was_training = task.training
     task.eval()
     try:
-        return run_packed(task.encode_tower, token_lists, batch_size, device, autocast_dtype,
+        return run_packed(encode or task.encode_tower, token_lists, batch_size, device, autocast_dtype,
                           dp_group=task.dp_group)
     finally:
         task.train(was_training)

@@ -34,9 +34,10 @@ def shard_data_parallel(task: nn.Module, mesh: ParallelMesh) -> None:
     for layer in task.backbone.held_layers():
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
     fully_shard(task, mesh=dp_mesh, mp_policy=policy)
-    # Training and evaluation run the task through encode_tower, not forward(): FSDP must
-    # gather the root's parameters (embedding, final norm, heads) around it.
+    # Training and evaluation run the task through encode_tower (or, on a pipeline stage, encode_stage),
+    # not forward(): FSDP must gather the root's parameters (embedding, final norm, heads) around them.
     register_fsdp_forward_method(task, "encode_tower")
+    register_fsdp_forward_method(task, "encode_stage")
 
 
 def set_gradient_sync(task: nn.Module, mesh: ParallelMesh, enabled: bool) -> None:
@@ -46,14 +47,15 @@ def set_gradient_sync(task: nn.Module, mesh: ParallelMesh, enabled: bool) -> Non
         task.set_requires_gradient_sync(enabled)
 
 
-def _square_sum_counted_once(grad: Tensor) -> Tensor:
+def _square_sum_counted_once(grad: Tensor, mesh: ParallelMesh) -> Tensor:
     """Sum of squares of this rank's part of grad, zero where another rank holds the same copy.
 
-    A plain tensor in a distributed run is a copy every rank holds (parallelize() leaves none
-    when tp > 1 or dp > 1, but a caller may): it counts on rank 0 only.
+    A plain tensor in a distributed run is a copy every rank of its pipeline stage holds
+    (parallelize() leaves none when tp > 1 or dp > 1, but a caller may): it counts on the stage's
+    first rank only. A DTensor's mesh never spans stages: each stage counts its own parameters.
     """
     if not isinstance(grad, DTensor):
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if not mesh.first_of_stage:
             return torch.zeros((), device=grad.device)
         return grad.float().pow(2).sum()
     coordinate = grad.device_mesh.get_coordinate()
@@ -73,7 +75,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, mesh: ParallelMe
     device = grads[0].device if grads else _collective_device(mesh)
     total = torch.zeros((), device=device, dtype=torch.float64)
     for grad in grads:
-        total += _square_sum_counted_once(grad).double()
+        total += _square_sum_counted_once(grad, mesh).double()
     dist.all_reduce(total)
     norm = float(total.sqrt())
     if math.isfinite(norm) and norm > max_norm:
@@ -115,12 +117,11 @@ class _QuietRedistribute(logging.Filter):
 
 
 @torch.no_grad()
-def gather_full_parameters(model: nn.Module, gradients: bool = False, rank0_only: bool = False) -> dict[str, Tensor]:
-    """Every parameter (or, with gradients=True, every gradient there is) as one whole CPU
-    tensor, by its global name. Collective: every rank calls it, in the same order. With
-    rank0_only the other ranks drop each tensor once gathered (they return {}), so only rank 0
-    ever holds the whole model (export)."""
-    keep = not (rank0_only and dist.is_initialized() and dist.get_rank() != 0)
+def gather_full_parameters(model: nn.Module, gradients: bool = False, keep: bool = True) -> dict[str, Tensor]:
+    """Every parameter this rank's pipeline stage holds (or, with gradients=True, every gradient
+    there is) as one whole CPU tensor, by its global name. Collective: every rank of the stage calls
+    it, in the same order. keep=False drops each tensor once gathered (returns {}), so that only one
+    rank ever holds them (export)."""
     # Strided FSDP x TP shards gather in two steps; DTensor warns about that each time.
     quiet = _QuietRedistribute()
     logger = logging.getLogger("torch.distributed.tensor._redistribute")

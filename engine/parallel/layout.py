@@ -109,20 +109,12 @@ def check_batch_fits_layout(train, layout: Layout) -> None:
         )
 
 
-# Degrees whose training code has not landed yet: the grid has their dimensions already.
-NOT_YET_TRAINABLE = ("pp",)
-
-
 def check_trainable_layout(cfg, layout: Layout, args) -> None:
     """Everything a training launch must satisfy before any process group or model exists."""
-    for key in NOT_YET_TRAINABLE:
-        if getattr(layout, key) > 1:
-            raise ConfigError(
-                f"parallel.{key}={getattr(layout, key)}: training with {key} > 1 is not available in this version "
-                "(train.dry_run=true plans such layouts); use parallel.tp and data parallelism"
-            )
     check_model_fits_layout(args, layout)
     check_batch_fits_layout(cfg.train, layout)
+    if layout.pp > 1:
+        check_pipeline_fits(cfg, layout, args)
     if layout.tp > 1 and cfg.lora.rank > 0:
         # A target matches module names ending in it ("q_proj", "self_attn.q_proj", "layers.0.self_attn.q_proj").
         others = sorted(t for t in cfg.lora.targets if t.rsplit(".", 1)[-1] not in TENSOR_PARALLEL_PROJECTIONS)
@@ -135,3 +127,20 @@ def check_trainable_layout(cfg, layout: Layout, args) -> None:
 
 # The linears tensor parallelism splits (and so can carry LoRA adapters split alike).
 TENSOR_PARALLEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_pipeline_fits(cfg, layout: Layout, args) -> None:
+    """The stage rule can cut the model, and the stages can hold what the task reads."""
+    from engine.parallel.pipeline.stages import StagePlanError, plan_stages
+
+    reads_lm_head = cfg.task.type == "reranker" and cfg.task.head == "yes_no"
+    try:
+        plan_stages(args, layout.pp, head_rows=reads_lm_head)
+    except StagePlanError as err:
+        raise ConfigError(f"parallel.pp={layout.pp}: {err}") from None
+    if reads_lm_head and args.tie_word_embeddings:
+        raise ConfigError(
+            f"parallel.pp={layout.pp} with task.head=yes_no on a model with tied embeddings: the last stage would "
+            "need a second copy of the embedding kept in step with the first's (not built yet); use "
+            "task.head=linear, or parallel.pp=1"
+        )

@@ -46,6 +46,10 @@ class ParallelMesh:
         return self.layout.dp
 
     @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
     def dp_sp(self) -> int:
         return self.layout.dp * self.layout.ring * self.layout.ulysses
 
@@ -63,6 +67,16 @@ class ParallelMesh:
     @property
     def dp_rank(self) -> int:
         return self.local_rank("dp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.local_rank("pp")
+
+    @property
+    def first_of_stage(self) -> bool:
+        """Rank 0 of its pipeline stage (every dimension but pp at 0): where a tensor every rank of the
+        stage holds a copy of is counted once."""
+        return all(self.local_rank(dim) == 0 for dim in DIM_NAMES if dim != "pp")
 
     @property
     def is_logging_rank(self) -> bool:

@@ -18,6 +18,7 @@ from engine.model.lora import LoRALinear, set_submodule
 from engine.parallel.context import ContextParallel
 from engine.parallel.data import shard_data_parallel
 from engine.parallel.mesh import ParallelMesh
+from engine.parallel.pipeline.stage import keep_stage, plan_for
 from engine.parallel.tensor import (
     ColumnParallelLinear,
     HeadSliceLinear,
@@ -36,6 +37,8 @@ def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool,
                 load_weights: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """load_weights(task), when given, runs after the tensor-parallel split and before FSDP:
     it fills a meta-device backbone with this rank's slices (engine.parallel.load)."""
+    if mesh.pp > 1:
+        apply_pipeline(task, mesh)
     if mesh.tp > 1:
         apply_tensor_parallel(task, mesh, sequence_parallel)
     if mesh.layout.ring * mesh.layout.ulysses > 1:
@@ -47,6 +50,11 @@ def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool,
     if mesh.dp > 1:
         task.dp_group = mesh.group("dp")
     return task
+
+
+def apply_pipeline(task: nn.Module, mesh: ParallelMesh) -> None:
+    """Keep this rank's pipeline stage (engine/parallel/pipeline): its layers, under their global names."""
+    keep_stage(task, plan_for(task, mesh.pp).chunks_of(mesh.pp_rank)[0])
 
 
 def apply_context_parallel(backbone: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> None:
@@ -87,13 +95,18 @@ def apply_tensor_parallel(task: nn.Module, mesh: ParallelMesh, sequence_parallel
         layer.mlp_entry = RegionEntry(group, sequence_parallel)
 
     decoder = backbone.model
-    embedding = VocabParallelEmbedding(decoder.embed_tokens, tp_mesh, sequence_parallel)
-    head_weight = embedding.weight
-    if not args.tie_word_embeddings:
-        head_weight = tp_parameter(backbone.lm_head.weight, tp_mesh, 0, backbone.lm_head.weight.requires_grad)
-    decoder.embed_tokens = embedding
-    backbone.lm_head = VocabParallelHead(head_weight, embedding.vocab_start, embedding.vocab_end, group)
-    decoder.norm = ParallelRMSNorm(decoder.norm, tp_mesh, sum_grads=sequence_parallel)
+    # A pipeline stage may hold neither the embedding nor the head (engine/parallel/pipeline/stage.py).
+    if decoder.embed_tokens is not None:
+        decoder.embed_tokens = VocabParallelEmbedding(decoder.embed_tokens, tp_mesh, sequence_parallel)
+    if backbone.lm_head is not None:
+        if args.tie_word_embeddings:  # the same stage holds the embedding (keep_stage refuses otherwise)
+            head_weight = decoder.embed_tokens.weight
+        else:
+            head_weight = tp_parameter(backbone.lm_head.weight, tp_mesh, 0, backbone.lm_head.weight.requires_grad)
+        rows = args.vocab_size // mesh.tp
+        backbone.lm_head = VocabParallelHead(head_weight, mesh.tp_rank * rows, (mesh.tp_rank + 1) * rows, group)
+    if decoder.norm is not None:
+        decoder.norm = ParallelRMSNorm(decoder.norm, tp_mesh, sum_grads=sequence_parallel)
     if sequence_parallel:
         backbone.output_gather = SequenceGather(group)
         backbone.sequence_pad_multiple = mesh.tp

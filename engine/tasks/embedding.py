@@ -13,10 +13,13 @@ from torch import Tensor, nn
 
 from engine.data.batch import EmbeddingBatch, PackedSequences
 from engine.losses import info_nce
+from engine.tasks.base import TaskModule
 from engine.parallel.collectives import all_gather_with_grad
 
 
-class EmbeddingTask(nn.Module):
+class EmbeddingTask(TaskModule):
+    reads_lm_head = False  # pipeline stages: the last needs no LM head
+
     def __init__(self, backbone: nn.Module, cfg):
         super().__init__()
         self.backbone = backbone

@@ -28,6 +28,8 @@ class Task(Protocol):
 
     # How the backbone pools each sequence for this task ("last", "mean", "cls").
     pooling: str
+    # Whether the head reads the LM head's rows (then a pipeline's last stage holds the LM head).
+    reads_lm_head: bool
 
     def encode_tower(self, seqs: PackedSequences) -> Tensor:
         """(num_seqs, ...) float32: one output row per sequence of the stream; the same as
@@ -35,6 +37,10 @@ class Task(Protocol):
 
     def rows_from_pooled(self, pooled: Tensor) -> Tensor:
         """The task's head on the backbone's pooled rows: what a pipeline's last stage applies."""
+
+    def encode_stage(self, seqs: PackedSequences, received: Tensor | None, layers: list, first: bool,
+                     last: bool) -> Tensor:
+        """One pipeline stage's part of encode_tower (engine/tasks/base.py)."""
 
     def loss_from_outputs(self, outputs: list[Tensor], batch: Any) -> Tensor:
         """The mean loss of this rank's share of the batch, from every tower's output."""

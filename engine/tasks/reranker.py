@@ -13,15 +13,18 @@ from torch import Tensor, nn
 from engine.data.batch import PackedSequences, RerankerBatch
 from engine.data.tokenize import yes_no_token_ids
 from engine.losses import distill_kl, listwise_ce, pointwise_bce
+from engine.tasks.base import TaskModule
 
 
-class RerankerTask(nn.Module):
+class RerankerTask(TaskModule):
     def __init__(self, backbone: nn.Module, cfg, tokenizer=None, yes_no_ids: tuple[int, int] | None = None,
                  head_device=None):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
         self.dp_group = None  # set by engine.parallel.parallelize: evaluation splits batches over it
+        # The yes/no head reads two rows of the LM head: a pipeline's last stage must hold it.
+        self.reads_lm_head = cfg.head == "yes_no"
         if cfg.head == "yes_no":
             if yes_no_ids is None:
                 yes_no_ids = yes_no_token_ids(tokenizer, cfg)

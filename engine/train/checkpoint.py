@@ -45,8 +45,11 @@ def _single_process_quiet():
 
 
 def _options(strict: bool = True) -> StateDictOptions:
-    # Loading must not be strict: the frozen base weights are deliberately absent.
-    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+    # Loading must not be strict: the frozen base weights are deliberately absent. The optimizer's
+    # state and hyperparameters are keyed by parameter name (flattened), not by position in a
+    # param group: a pipeline stage holds another set of parameters in each layout, and positions
+    # would not carry over when a run resumes with another pp.
+    return StateDictOptions(ignore_frozen_params=True, strict=strict, flatten_optimizer_state_dict=True)
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict, config_yaml: str,

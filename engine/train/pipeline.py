@@ -80,6 +80,11 @@ class GPipeSchedule:
                 send_to(received.grad, stage.rank - 1, self.group)
             saved[index] = None  # this micro-batch's activations go now, not at the end of the step
 
+    def encode(self, seqs: PackedSequences) -> Tensor:
+        """Forward only, the last stage's rows handed to every stage (evaluation: every rank ranks)."""
+        rows, _ = self.forward_only([seqs])
+        return broadcast_from_last(rows[0] if rows else None, self.stage, self.group, self.device)
+
     def share_loss(self, loss: float | None) -> float:
         """The last stage's loss, on every stage (for logging and the finite-loss check)."""
         if self.stage.size == 1:
@@ -87,6 +92,20 @@ class GPipeSchedule:
         value = torch.tensor([loss if self.stage.is_last else 0.0], dtype=torch.float64, device=self.device)
         dist.broadcast(value, group=self.group, group_src=self.stage.size - 1)
         return float(value)
+
+
+def broadcast_from_last(rows: Tensor | None, stage: PipelineStage, group, device: torch.device) -> Tensor:
+    """The last stage's float32 rows on every stage of the group (shape first: it changes per batch)."""
+    last = stage.size - 1
+    shape = torch.zeros(2, dtype=torch.int64, device=device)
+    if stage.is_last:
+        rows = rows.float().reshape(len(rows), -1)
+        shape[0], shape[1] = rows.shape
+    dist.broadcast(shape, group=group, group_src=last)
+    if not stage.is_last:
+        rows = torch.empty(int(shape[0]), int(shape[1]), dtype=torch.float32, device=device)
+    dist.broadcast(rows, group=group, group_src=last)
+    return rows.squeeze(-1) if int(shape[1]) == 1 else rows
 
 
 def grad_cache_pipeline_step(schedule: GPipeSchedule, towers: Sequence[Sequence[PackedSequences]],

@@ -9,6 +9,8 @@ grad_cache   each micro-batch through GradCache (engine/train/grad_cache.py): em
              graph, the loss's gradient per output row cached, then each chunk of
              train.grad_cache_chunk sequences replayed with its graph; the pool stays the micro-batch's
              while activation memory is one chunk's.
+pipelined    parallel.pp > 1: the stages of engine/parallel/pipeline run by engine/train/pipeline.py,
+             the GradCache pipeline (whole-batch negatives) or per-micro-batch losses (_pipelined).
 
 The trainer calls the function it was handed and never branches on the schedule; tasks are met
 only through their contract (engine/tasks/protocol.py).
@@ -22,6 +24,7 @@ from typing import Any
 from engine.config import TrainConfig
 from engine.tasks.protocol import Task
 from engine.train.grad_cache import grad_cache_step
+from engine.train.pipeline import GPipeSchedule, grad_cache_pipeline_step, plain_pipeline_step
 
 ForwardBackward = Callable[[Task, Sequence[Any]], float]
 
@@ -30,9 +33,13 @@ def select_forward_backward(
     cfg: TrainConfig,
     autocast: Callable[[], AbstractContextManager],
     set_gradient_sync: Callable[[bool], None],
+    pipeline: GPipeSchedule | None = None,
 ) -> ForwardBackward:
     """autocast() opens the run's mixed-precision context; set_gradient_sync(enabled) tells the
-    data-parallel wrapper whether this backward must reduce gradients (only the last micro-batch's)."""
+    data-parallel wrapper whether this backward must reduce gradients (only the last micro-batch's).
+    pipeline: this rank's stage schedule when parallel.pp > 1."""
+    if pipeline is not None:
+        return _pipelined(cfg, autocast, pipeline)
     one = _grad_cached(cfg.grad_cache_chunk, autocast) if cfg.grad_cache else _plain(autocast)
 
     def forward_backward(task: Task, micro_batches: Sequence[Any]) -> float:
@@ -65,3 +72,29 @@ def _grad_cached(chunk: int, autocast):
         return float(loss) / loss_scale
 
     return one
+
+
+def _pipelined(cfg: TrainConfig, autocast, pipeline: GPipeSchedule) -> ForwardBackward:
+    """Through pipeline stages (engine/train/pipeline.py). With train.grad_cache, or with several towers
+    (an embedding's loss needs both at once), the GradCache pipeline: chunks of grad_cache_chunk
+    sequences (or whole towers) as pipeline micro-batches, the loss over the whole micro-batch on the
+    last stage. A one-tower task without grad cache (the reranker, whose loss stays inside a query
+    group) pipelines the step's micro-batches, each with its own loss. Gradients are reduced over dp
+    at every backward (FSDP's default): correct, more traffic than needed."""
+
+    def forward_backward(task: Task, micro_batches: Sequence[Any]) -> float:
+        with autocast():
+            towers = [task.towers(batch) for batch in micro_batches]
+            if cfg.grad_cache or len(towers[0]) > 1:
+                total = 0.0
+                scale = 1.0 / len(micro_batches)
+                for batch, seqs in zip(micro_batches, towers):
+                    chunks = [s.chunks(cfg.grad_cache_chunk) if cfg.grad_cache else [s] for s in seqs]
+                    total += grad_cache_pipeline_step(
+                        pipeline, chunks, lambda outputs, b=batch: task.loss_from_outputs(outputs, b) * scale
+                    ) / scale
+                return total / len(micro_batches)
+            loss_fns = [lambda rows, b=batch: task.loss_from_outputs([rows], b) for batch in micro_batches]
+            return plain_pipeline_step(pipeline, [seqs[0] for seqs in towers], loss_fns)
+
+    return forward_backward

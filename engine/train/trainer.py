@@ -33,11 +33,14 @@ from engine.parallel.data import clip_grad_norm, gather_full_parameters, reduce_
 from engine.parallel.load import fill_meta_parameters
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.parallelize import parallelize
-from engine.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device
+from engine.parallel.pipeline.p2p import gather_to_first_stage
+from engine.parallel.pipeline.stage import PipelineStage, plan_for
+from engine.build import autocast_dtype, build_task_model, load_tokenizer, resolve_device, resolve_dtype
 from engine.kernels.select import select_kernels
 from engine.train.evaluate import evaluate_task
 from engine.train.logger import MetricsLogger
 from engine.train.optim import build_optimizer, build_scheduler
+from engine.train.pipeline import GPipeSchedule
 from engine.train.schedule import select_forward_backward
 
 
@@ -103,8 +106,10 @@ class Trainer:
         self.log(f"kernels: attention {self.kernels['attention']}, infonce {self.kernels['infonce']}")
 
         # How a step's micro-batches become gradients: chosen here, once (engine/train/schedule.py).
+        self.pipeline = self._pipeline_schedule() if self.mesh.pp > 1 else None
         self.forward_backward = select_forward_backward(
-            cfg.train, self._autocast, lambda enabled: set_gradient_sync(self.model, self.mesh, enabled))
+            cfg.train, self._autocast, lambda enabled: set_gradient_sync(self.model, self.mesh, enabled),
+            self.pipeline)
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.sampler = BatchSampler(len(self.train_examples), cfg.train.batch_size, cfg.train.seed)
@@ -172,11 +177,14 @@ class Trainer:
     def full_model(self):
         """The trained task model whole, on CPU, as one process would hold it (for export).
 
-        Collective: every rank gathers the shards; rank 0 gets the model, the others None.
+        Collective: every rank gathers the shards; rank 0 gets the model, the others None. Each
+        pipeline stage gathers its own parameters on its first rank, which hands them to rank 0.
         """
         if not self.mesh.distributed:
             return self.model
-        full = gather_full_parameters(self.model, rank0_only=True)
+        full = gather_full_parameters(self.model, keep=self.mesh.first_of_stage)
+        if self.mesh.pp > 1 and self.mesh.first_of_stage:
+            full = gather_to_first_stage(full, self.mesh.group("pp"))
         if not self.mesh.is_logging_rank:
             return None
         # The backbone from a checkpoint stays on meta and takes the gathered tensors as they are.
@@ -188,6 +196,14 @@ class Trainer:
                 if param.data_ptr() != full[name].data_ptr():
                     param.copy_(full[name])
         return model
+
+    def _pipeline_schedule(self) -> GPipeSchedule:
+        """This rank's stage (parallelize() kept its layers) and the schedule that runs it."""
+        plan = plan_for(self.model, self.mesh.pp)
+        self.log(f"pipeline: {'; '.join(plan.describe())}")
+        stage = PipelineStage(self.model, plan, self.mesh.pp_rank)
+        dtype = resolve_dtype(self.cfg.model.dtype, self.device)  # the residual stream's: the weights'
+        return GPipeSchedule(stage, self.mesh.group("pp"), dtype, self.device)
 
     # ---- one optimizer step ------------------------------------------------------------
     def _autocast(self):
@@ -252,6 +268,7 @@ class Trainer:
         metrics = evaluate_task(
             self.model, self.text_encoder, self.eval_examples, self.cfg, self.device,
             self.autocast_dtype, save_run=save_run if self.mesh.is_logging_rank else None,
+            encode=self.pipeline.encode if self.pipeline is not None else None,
         )
         record = {"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}}
         self.logger.log(record)

@@ -68,9 +68,8 @@ def reference(case: dict) -> dict:
 
 def _stage_worker(rank: int, world: int, case: dict) -> dict:
     task = build(case)
-    reads_lm_head = case["task"] == "reranker" and case.get("head") == "yes_no"
-    plan = plan_stages(task.backbone.args, world, head_rows=reads_lm_head)
-    keep_stage(task, plan.chunks_of(rank)[0], reads_lm_head)
+    plan = plan_stages(task.backbone.args, world, head_rows=task.reads_lm_head)
+    keep_stage(task, plan.chunks_of(rank)[0])
     schedule = GPipeSchedule(PipelineStage(task, plan, rank), dist.group.WORLD, torch.float32, torch.device("cpu"))
     batch = batch_for(case)
     if case["task"] == "embedding":
@@ -147,4 +146,4 @@ def test_a_tied_yes_no_head_off_the_embedding_stage_is_refused():
     task = build(case)
     plan = plan_stages(task.backbone.args, 2, head_rows=True)
     with pytest.raises(StageLayoutError, match="tied LM head"):
-        keep_stage(task, plan.chunks_of(1)[0], reads_lm_head=True)
+        keep_stage(task, plan.chunks_of(1)[0])

@@ -40,3 +40,13 @@ def recv_from(peer: int, group: dist.ProcessGroup, dtype: torch.dtype, device: t
     if tensor.numel():
         dist.recv(tensor, group=group, group_src=peer)
     return tensor
+
+
+def gather_to_first_stage(tensors: dict[str, Tensor], group: dist.ProcessGroup) -> dict[str, Tensor]:
+    """Every stage's {name: CPU tensor} merged on stage 0 ({} elsewhere): export gathers each stage's
+    whole parameters on its first rank, then here. Pickled between our own ranks, never from a file."""
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank(group) == 0 else None
+    dist.gather_object(tensors, gathered, group=group, group_dst=0)
+    if gathered is None:
+        return {}
+    return {name: tensor for part in gathered for name, tensor in part.items()}

@@ -7,16 +7,17 @@ see the single-process names; the embedding stays on the first stage only, the f
 head on the last (the LM head only where the task reads it: a reranker's yes/no rows).
 
 PipelineStage.forward(seqs, received) is what a schedule (engine/train/pipeline.py) calls per
-micro-batch: every stage lays out the same packed stream from the batch (cheap index arithmetic),
-so only hidden states travel between stages; the first stage embeds, each runs its layers, and
-the last finishes (final norm, pooling) and applies the task's head, returning one row per sequence.
+micro-batch: the task's encode_stage (engine/tasks/base.py), where every stage lays out the same
+packed stream from the batch (cheap index arithmetic), so only hidden states travel between
+stages; the first stage embeds, each runs its layers, and the last finishes (final norm, pooling)
+and applies the task's head, returning one row per sequence.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from engine.data.batch import PackedSequences
-from engine.parallel.pipeline.stages import Chunk, StagePlan
+from engine.parallel.pipeline.stages import Chunk, StagePlan, plan_stages
 
 
 class StageLayoutError(ValueError):
@@ -34,9 +35,14 @@ class NotOnThisStage(nn.Module):
         raise RuntimeError(f"decoder layer {self.index} is held by another pipeline stage")
 
 
-def keep_stage(task: nn.Module, chunk: Chunk, reads_lm_head: bool) -> None:
+def plan_for(task: nn.Module, pp: int) -> StagePlan:
+    """The stage rule for this task's backbone (the LM head counted on the last stage when read)."""
+    return plan_stages(task.backbone.args, pp, head_rows=task.reads_lm_head)
+
+
+def keep_stage(task: nn.Module, chunk: Chunk) -> None:
     """Keep only what `chunk` holds of task.backbone (in place)."""
-    backbone = task.backbone
+    backbone, reads_lm_head = task.backbone, task.reads_lm_head
     if backbone.args.tie_word_embeddings and reads_lm_head and chunk.head and not chunk.embedding:
         # The last stage would hold a second copy of the embedding whose gradient must be summed with
         # the first stage's every step (Megatron's embedding group); not built yet.
@@ -83,10 +89,4 @@ class PipelineStage:
     def forward(self, seqs: PackedSequences, received: Tensor | None) -> Tensor:
         """received: the previous stage's hidden states (None on the first stage). Returns this stage's
         hidden states, or on the last stage the task's rows (one per sequence)."""
-        backbone = self.task.backbone
-        stream = backbone.lay_out(seqs.input_ids, seqs.position_ids, seqs.cu_seqlens, seqs.max_seqlen)
-        x = backbone.embed(stream) if self.is_first else received
-        x = backbone.run_layers(x, stream, self.layers)
-        if not self.is_last:
-            return x
-        return self.task.rows_from_pooled(backbone.finish(x, stream, self.task.pooling))
+        return self.task.encode_stage(seqs, received, self.layers, self.is_first, self.is_last)
