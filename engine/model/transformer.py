@@ -105,6 +105,18 @@ class Transformer(nn.Module):
         """The decoder layers this rank holds: all of them, or a pipeline stage's."""
         return [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
 
+    def holds(self, name: str) -> bool:
+        """Whether this rank's part of the model is where the checkpoint tensor `name` belongs (a
+        pipeline stage holds some layers, and the embedding, norm and head only at its ends). Names
+        of layers the architecture does not have count as held: loading reports them."""
+        parts = name.split(".")
+        if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
+            index = int(parts[2])
+            return index >= len(self.model.layers) or isinstance(self.model.layers[index], DecoderLayer)
+        owner = {"model.embed_tokens.": self.model.embed_tokens, "model.norm.": self.model.norm,
+                 "lm_head.": self.lm_head}
+        return next((module is not None for start, module in owner.items() if name.startswith(start)), True)
+
     def _apply(self, fn, recurse=True):
         # .to()/.to_empty() may replace parameters (e.g. meta -> cpu); re-share afterwards.
         result = super()._apply(fn, recurse)

@@ -62,7 +62,8 @@ def load_local_shards(task: nn.Module, slices: CheckpointSlices, dtype: torch.dt
     """Fill a meta backbone with this rank's slices of the checkpoint `slices` reads, after the
     same architecture checks as a whole load (engine.model.hf_io.load_pretrained)."""
     expected = {name.removeprefix(prefix) for name, _ in task.named_parameters() if name.startswith(prefix)}
-    unexpected = sorted(set(slices.names()) - expected)
+    # A pipeline stage reads only its own tensors; the others' belong to the other stages.
+    unexpected = sorted(name for name in set(slices.names()) - expected if task.backbone.holds(name))
     if unexpected:
         raise CheckpointError(f"{slices.path}: weights do not match the architecture in config.json: "
                               f"unexpected {', '.join(unexpected[:5])}")

@@ -6,7 +6,12 @@ import time
 
 import torch
 
-from engine.parallel.layout import check_batch_fits_layout, check_model_fits_layout, layout_from_config
+from engine.parallel.layout import (
+    check_batch_fits_layout,
+    check_model_fits_layout,
+    check_pipeline_fits,
+    layout_from_config,
+)
 from engine.build import model_args
 from engine.train.memory import plan_memory
 
@@ -20,6 +25,8 @@ def dry_run(cfg) -> dict:
     seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
     check_model_fits_layout(args, layout)
     check_batch_fits_layout(cfg.train, layout)
+    if layout.pp > 1:
+        check_pipeline_fits(cfg, layout, args)
     with torch.device("meta"):
         model = Transformer(args)
     total = sum(p.numel() for p in model.parameters())

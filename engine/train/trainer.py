@@ -190,12 +190,23 @@ class Trainer:
         # The backbone from a checkpoint stays on meta and takes the gathered tensors as they are.
         model = build_task_model(self.cfg, torch.device("cpu"), self.tokenizer,
                                  meta_backbone=bool(self.cfg.model.path))
-        fill_meta_parameters(model, lambda name, param: full[name])
+        fill_meta_parameters(model, lambda name, param: full[name] if name in full else self._untouched(name, param))
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if param.data_ptr() != full[name].data_ptr():
+                # Not in `full`: a tensor no pipeline stage held, as built (same seed) or read above.
+                if name in full and param.data_ptr() != full[name].data_ptr():
                     param.copy_(full[name])
         return model
+
+    def _untouched(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        """A backbone tensor no pipeline stage held (an untied LM head the task never reads): training
+        never changed it, so it is the checkpoint's."""
+        backbone_name = name.removeprefix("backbone.")
+        if self.mesh.pp == 1 or backbone_name == name:
+            raise KeyError(name)
+        from engine.model.hf_io import CheckpointSlices
+
+        return CheckpointSlices(self.cfg.model.path, self.model.backbone.args).read(backbone_name, dtype=param.dtype)
 
     def _pipeline_schedule(self) -> GPipeSchedule:
         """This rank's stage (parallelize() kept its layers) and the schedule that runs it."""

@@ -38,6 +38,7 @@ LR = 1e-4
 # and no final checkpoint: only the losses, the step-3 checkpoint and exports matter.
 TINY = ["+exp=tiny", "data.eval=", f"train.lr={LR}", "train.save_final=false", f"train.max_steps={STEPS}"]
 FINETUNE = {"full": [], "lora": ["lora.rank=4"]}
+LAYERS4 = ["model.num_layers=4"]
 LOSS_RTOL = 1e-4
 
 
@@ -92,6 +93,15 @@ class Runs:
         """4 ranks, tp 2 x dp 2, saving at step 3 (the source of the resharding resumes)."""
         return self.get(f"tp2xdp2-{tune}", 4, "parallel.tp=2", f"train.save_every={SAVE_AT}", *FINETUNE[tune])
 
+    def reference4(self, tune: str) -> str:
+        """One plain process, uninterrupted, on the tiny model with 4 layers (room for 4 stages)."""
+        return self.get(f"single4-{tune}", 0, *LAYERS4, *FINETUNE[tune])
+
+    def pp2_tp2(self, tune: str) -> str:
+        """4 ranks, 2 pipeline stages x tp 2, 4 layers, saving at step 3."""
+        return self.get(f"pp2xtp2-{tune}", 4, *LAYERS4, "parallel.pp=2", "parallel.tp=2",
+                        f"train.save_every={SAVE_AT}", *FINETUNE[tune])
+
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> str:
@@ -130,6 +140,42 @@ def test_checkpoint_of_tp2_x_dp2_resumes_in_another_layout(runs, tmp_path, tune,
     expected = losses(runs.reference(tune))
     # The new folder's metrics start after the checkpoint: steps 4 and 5 only.
     assert_same_losses(losses(run_dir), {s: expected[s] for s in range(SAVE_AT + 1, STEPS + 1)})
+
+
+# ---- pipeline stages: the same losses, checkpoints that reshard across pp, exports -------------
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_pp2_x_tp2_logs_the_single_process_losses(runs, tune):
+    assert_same_losses(losses(runs.pp2_tp2(tune)), losses(runs.reference4(tune)))
+
+
+@pytest.mark.parametrize("nproc, layout", [(4, ["parallel.pp=4"]), (0, [])], ids=["pp4", "one-process"])
+def test_checkpoint_of_pp2_x_tp2_resumes_at_pp4_and_in_one_process(runs, tmp_path, nproc, layout):
+    checkpoint = os.path.join(runs.pp2_tp2("lora"), "checkpoints", f"step_{SAVE_AT:08d}")
+    run_dir = tmp_path / "resumed"
+    result = launch(nproc, *TINY, *LAYERS4, f"data.train={runs.train_file}", f"train.output_dir={run_dir}",
+                    f"train.resume={checkpoint}", *layout, *FINETUNE["lora"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = losses(runs.reference4("lora"))
+    assert_same_losses(losses(run_dir), {s: expected[s] for s in range(SAVE_AT + 1, STEPS + 1)})
+
+
+def test_export_of_pp2_x_tp2_loads_in_sentence_transformers_with_the_engines_embeddings(runs):
+    """Every stage's weights reach the export: the same tensors as one process's export, and
+    sentence-transformers embeds with them as the engine's own API does."""
+    from sentence_transformers import SentenceTransformer
+
+    from engine import Embedder
+
+    export = runs.pp2_tp2("full") + "-export"
+    expected = read_safetensors(runs.reference4("full") + "-export")
+    got = read_safetensors(export)
+    assert sorted(got) == sorted(expected) and any("layers.3." in name for name in got)  # the last stage's
+    for name, want in expected.items():
+        assert float((got[name] - want).norm() / want.norm()) <= 1e-4, name
+    texts = ["what color is item 3?", "item 3 is red", "item 7 is blue"]
+    st = SentenceTransformer(export, device="cpu").encode(texts, batch_size=2)
+    engine = Embedder.from_pretrained(export).encode(texts, batch_size=2)
+    assert float(abs(st - engine).max()) <= 1e-5
 
 
 # ---- export gathers the shards -----------------------------------------------------------
@@ -196,7 +242,9 @@ INVALID = {
     "vocab": ("2", ["parallel.tp=2", "model.vocab_size=513"], ["vocab_size=513 is not divisible by parallel.tp=2"]),
     "batch": ("2", ["train.batch_size=6", "train.grad_accum=2"],
               ["train.batch_size=6 is not divisible by data-parallel size 2 x train.grad_accum=2 = 4"]),
-    "pp": ("2", ["parallel.pp=2"], ["parallel.pp=2: training with pp > 1 is not available"]),
+    "pp-layers": ("4", ["parallel.pp=4"], ["num_layers=2 is fewer than parallel.pp=4 stages"]),
+    "pp-tied-yes-no": ("2", ["parallel.pp=2", "task=reranker"],
+                       ["parallel.pp=2 with task.head=yes_no on a model with tied embeddings"]),
     "ulysses-heads": ("4", ["parallel.ulysses=4", "model.num_heads=6", "model.hidden_size=96"],
                       ["parallel.ulysses=4: num_heads=6 query heads do not split over 4 ranks",
                        "ulysses that works: 1, 2, 3, 6", "use parallel.ring=4 instead"]),
