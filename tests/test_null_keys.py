@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from engine.cli import compose
 from engine.config import ConfigError, RunConfig, validate
-from tests.conftest import run_entry, synthetic_examples, write_jsonl
+from tests.conftest import REPO, run_entry, synthetic_examples, write_jsonl
 
 TINY_STEPS = ["+exp=tiny", "train.max_steps=1", "eval.max_queries=4"]
 OPTIONAL_KEYS = ("model.path", "model.tokenizer", "model.rope_scaling", "data.eval", "train.resume",
@@ -23,6 +25,34 @@ OPTIONAL_KEYS = ("model.path", "model.tokenizer", "model.rope_scaling", "data.ev
 def summary_of(result) -> dict:
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class InProcess:
+    """launch/train.py run in this process (its __main__, as `python launch/train.py ARGS` runs it):
+    the same entry point without a new interpreter's imports; stdout/stderr and the exit code as
+    subprocess.run reports them."""
+
+    def __init__(self, capsys, monkeypatch):
+        self.capsys, self.monkeypatch = capsys, monkeypatch
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        import runpy
+
+        script = os.path.join(REPO, "launch", "train.py")
+        self.monkeypatch.setattr(sys, "argv", [script, *args])
+        self.capsys.readouterr()
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        out = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture
+def train_here(capsys, monkeypatch):
+    return InProcess(capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("key", OPTIONAL_KEYS)
@@ -58,56 +88,56 @@ def test_data_eval_null_trains_without_evaluation(tmp_path):
     assert "zero_shot" not in summary and "final" not in summary  # +exp=tiny evaluates when data.eval is set
 
 
-def test_model_path_null_trains_a_random_init_model(tmp_path):
-    summary = summary_of(run_entry("train.py", *TINY_STEPS, f"model.path={tmp_path}/not_a_model",
+def test_model_path_null_trains_a_random_init_model(tmp_path, train_here):
+    summary = summary_of(train_here(*TINY_STEPS, f"model.path={tmp_path}/not_a_model",
                                    "model.path=null", f"train.output_dir={tmp_path}/run"))
     assert summary["steps"] == 1
 
 
-def test_model_tokenizer_null_uses_the_byte_level_tokenizer(tmp_path):
-    summary = summary_of(run_entry("train.py", *TINY_STEPS, f"model.tokenizer={tmp_path}/no_tokenizer",
+def test_model_tokenizer_null_uses_the_byte_level_tokenizer(tmp_path, train_here):
+    summary = summary_of(train_here(*TINY_STEPS, f"model.tokenizer={tmp_path}/no_tokenizer",
                                    "model.tokenizer=null", f"train.output_dir={tmp_path}/run"))
     assert summary["steps"] == 1
 
 
-def test_eval_save_run_null_writes_no_run_file(tmp_path):
+def test_eval_save_run_null_writes_no_run_file(tmp_path, train_here):
     run_file = tmp_path / "run.trec"
-    summary = summary_of(run_entry("train.py", *TINY_STEPS, f"eval.save_run={run_file}", "eval.save_run=null",
+    summary = summary_of(train_here(*TINY_STEPS, f"eval.save_run={run_file}", "eval.save_run=null",
                                    f"train.output_dir={tmp_path}/run"))
     assert "final" in summary and not run_file.exists()
 
 
-def test_export_output_dir_null_exports_nothing(tmp_path):
+def test_export_output_dir_null_exports_nothing(tmp_path, train_here):
     export_dir = tmp_path / "export"
-    summary_of(run_entry("train.py", *TINY_STEPS, f"export.output_dir={export_dir}", "export.output_dir=null",
+    summary_of(train_here(*TINY_STEPS, f"export.output_dir={export_dir}", "export.output_dir=null",
                          f"train.output_dir={tmp_path}/run"))
     assert not export_dir.exists()
 
 
-def test_train_resume_null_means_a_fresh_run(tmp_path):
+def test_train_resume_null_means_a_fresh_run(tmp_path, train_here):
     """null is "start fresh": a second run into the same folder is refused as for "" (it never resumes)."""
     run_dir = tmp_path / "run"
-    first = summary_of(run_entry("train.py", *TINY_STEPS, "data.eval=null", "train.resume=null",
-                                 f"train.output_dir={run_dir}"))
+    first = summary_of(train_here(*TINY_STEPS, "data.eval=null", "train.resume=null",
+                                  f"train.output_dir={run_dir}"))
     assert first["steps"] == 1 and os.listdir(run_dir / "checkpoints")
-    again = run_entry("train.py", *TINY_STEPS, "data.eval=null", "train.resume=null", f"train.output_dir={run_dir}")
+    again = train_here(*TINY_STEPS, "data.eval=null", "train.resume=null", f"train.output_dir={run_dir}")
     assert again.returncode == 2 and "train.resume=auto continues it" in again.stderr, again.stderr
 
 
-def test_evaluate_with_save_run_null(tmp_path):
+def test_evaluate_with_save_run_null(tmp_path, train_here):
     """evaluate.py composes the same tree: eval.save_run=null evaluates and writes nothing."""
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_examples(8))
     evaluation = write_jsonl(tmp_path / "eval.jsonl", synthetic_examples(4, seed=3))
     export_dir = tmp_path / "export"
-    summary_of(run_entry("train.py", *TINY_STEPS, f"data.train={train}", "data.eval=null",
+    summary_of(train_here(*TINY_STEPS, f"data.train={train}", "data.eval=null",
                          f"export.output_dir={export_dir}", f"train.output_dir={tmp_path}/run"))
     result = run_entry("evaluate.py", f"model.path={export_dir}", f"data.eval={evaluation}", "eval.save_run=null")
     assert set(summary_of(result)) >= {"mrr@10", "recall@1"}
     assert not list(tmp_path.glob("*.trec"))
 
 
-def test_data_train_null_is_a_one_line_error(tmp_path):
-    result = run_entry("train.py", "+exp=tiny", "data.train=null", f"train.output_dir={tmp_path}")
+def test_data_train_null_is_a_one_line_error(tmp_path, train_here):
+    result = train_here("+exp=tiny", "data.train=null", f"train.output_dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "data.train is empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 

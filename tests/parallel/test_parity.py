@@ -86,8 +86,12 @@ LAYOUTS = {
 }
 LAYOUTS[2]["pp2"] = ["parallel.pp=2"]
 # Layouts run for some tasks only: 8 processes on a 2-core machine are slow, and pp 4 needs 4 layers.
-LAYOUT_TASKS = {"pp2xtp2xdp2": ("embedding-lora", "reranker-full-untied"), "pp4": (), "pp4xdp2": (),
-                "pp2xring2xtp2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear")}
+# Between them the pipeline layouts cover both tasks in every pipeline composition; pp2 and pp2 x tp2
+# run every task.
+LAYOUT_TASKS = {"pp2xtp2xdp2": ("embedding-lora",), "pp2xring2xtp2": ("reranker-lora-qwen2-linear",),
+                "pp4": (), "pp4xdp2": (),
+                "pp2xdp2": ("embedding-full-qwen3", "reranker-full-untied"), "pp2xulysses2": ("embedding-lora",),
+                "pp2xring2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear")}
 # Context parallelism, trained on the data with 3-token documents (SHORT_DOCS).
 CP_LAYOUTS = {
     2: {
@@ -132,11 +136,13 @@ EXTRA_TASKS = {
     "path": ("embedding-lora", "reranker-full-untied"),
     "recompute-full": ("embedding-lora", "reranker-full-untied"),
     "recompute-selective": ("embedding-lora",),
-    "layers4": ("embedding-lora", "reranker-full-untied"),
+    "layers4": ("embedding-lora", "reranker-full-untied"),  # pp4: both; pp4 x dp2 (8 ranks): the reranker
 }
 EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2", "pp2"), "gradcache": ("dp2", "dp2xtp2", "ulysses2", "pp2", "pp2xdp2"),
                  "path": ("tp2-sp", "dp2xtp2", "tp2xulysses2", "pp2xtp2"), "recompute-full": ("ring2", "ring2xulysses2"),
                  "recompute-selective": ("ring2",), "layers4": ("pp4", "pp4xdp2")}
+EXTRA_LAYOUT_TASKS = {("layers4", "pp4xdp2"): ("reranker-full-untied",), ("path", "pp2xtp2"): ("embedding-lora",),
+                      ("gradcache", "pp2xdp2"): ("embedding-lora",)}
 
 
 def extra_args(extra: str) -> list[str]:
@@ -160,6 +166,8 @@ def jobs_for(world: int) -> dict[tuple[str, str, str], list[str]]:
     for extra in EXTRAS:
         for task in EXTRA_TASKS[extra]:
             for layout in EXTRA_LAYOUTS[extra]:
+                if (extra, layout) in EXTRA_LAYOUT_TASKS and task not in EXTRA_LAYOUT_TASKS[(extra, layout)]:
+                    continue
                 if layout in LAYOUTS[world]:
                     jobs[(task, extra, layout)] = TASKS[task] + extra_args(extra) + LAYOUTS[world][layout]
                 if layout in CP_LAYOUTS[world]:
