@@ -1,8 +1,10 @@
-"""What both tasks share: running one pipeline stage's part of a tower.
+"""What both tasks share: a tower through the backbone and the task's head, whole (encode_tower)
+or one pipeline stage's part of it (encode_stage), and the loss of a batch (forward).
 
-encode_stage is a method of the task (not of the stage object) because FSDP gathers the root's
-parameters (embedding, final norm, heads) around a registered method of the root module: it is
-registered beside encode_tower (engine/parallel/data.py).
+Both are methods of the task (not of a stage object) because FSDP gathers the root's parameters
+(embedding, final norm, heads) around registered methods of the root module (engine/parallel/data.py).
+A task says only how it pools (`pooling`), what its head makes of the pooled rows
+(`rows_from_pooled`), its towers and its loss (engine/tasks/protocol.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,22 @@ class TaskModule(nn.Module):
 
     def rows_from_pooled(self, pooled: Tensor) -> Tensor:
         raise TypeError(f"{type(self).__name__} must define rows_from_pooled")
+
+    def encode_tower(self, seqs: PackedSequences) -> Tensor:
+        """(num_seqs, ...) float32: the head's row for each sequence of the stream."""
+        return self._rows(seqs)
+
+    def forward(self, batch) -> Tensor:
+        # Through _rows, not encode_tower: under FSDP both are registered forwards of the root, and
+        # one must not run inside the other.
+        return self.loss_from_outputs([self._rows(seqs) for seqs in self.towers(batch)], batch)
+
+    def _rows(self, seqs: PackedSequences) -> Tensor:
+        pooled = self.backbone(
+            seqs.input_ids, position_ids=seqs.position_ids,
+            cu_seqlens=seqs.cu_seqlens, max_seqlen=seqs.max_seqlen, pooling=self.pooling,
+        )  # (num_seqs, H)
+        return self.rows_from_pooled(pooled)
 
     def encode_stage(self, seqs: PackedSequences, received: Tensor | None, layers: list[nn.Module],
                      first: bool, last: bool) -> Tensor:

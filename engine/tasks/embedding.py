@@ -30,13 +30,6 @@ class EmbeddingTask(TaskModule):
     def pooling(self) -> str:
         return self.cfg.pooling
 
-    def embed(self, seqs: PackedSequences) -> Tensor:
-        pooled = self.backbone(
-            seqs.input_ids, position_ids=seqs.position_ids,
-            cu_seqlens=seqs.cu_seqlens, max_seqlen=seqs.max_seqlen, pooling=self.pooling,
-        )  # (n, H)
-        return self.rows_from_pooled(pooled)
-
     def rows_from_pooled(self, pooled: Tensor) -> Tensor:
         # Under context parallelism each rank pools its own tokens; the sum over ranks is the whole.
         vectors = self.backbone.reduce_shards(pooled.float())
@@ -59,9 +52,3 @@ class EmbeddingTask(TaskModule):
 
     def towers(self, batch: EmbeddingBatch) -> list[PackedSequences]:
         return [batch.queries, batch.docs]
-
-    def encode_tower(self, seqs: PackedSequences) -> Tensor:
-        return self.embed(seqs)
-
-    def forward(self, batch: EmbeddingBatch) -> Tensor:
-        return self.loss_from_outputs([self.embed(batch.queries), self.embed(batch.docs)], batch)

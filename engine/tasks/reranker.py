@@ -37,13 +37,6 @@ class RerankerTask(TaskModule):
 
     pooling = "last"  # the score is read at each pair's last token
 
-    def scores(self, pairs: PackedSequences) -> Tensor:
-        last = self.backbone(
-            pairs.input_ids, position_ids=pairs.position_ids,
-            cu_seqlens=pairs.cu_seqlens, max_seqlen=pairs.max_seqlen, pooling=self.pooling,
-        )  # (num_seqs, H)
-        return self.rows_from_pooled(last)
-
     def rows_from_pooled(self, last: Tensor) -> Tensor:
         # The head reads the last token where it lies: under context parallelism only that rank's
         # row is non-zero, so the head's gradient is counted once, and the scores are summed over ranks.
@@ -55,9 +48,6 @@ class RerankerTask(TaskModule):
     def towers(self, batch: RerankerBatch) -> list[PackedSequences]:
         return [batch.pairs]
 
-    def encode_tower(self, seqs: PackedSequences) -> Tensor:
-        return self.scores(seqs)
-
     def loss_from_outputs(self, outputs: list[Tensor], batch: RerankerBatch) -> Tensor:
         scores = outputs[0].view(-1, batch.group_size)  # (B, G), positive first
         if self.cfg.loss == "listwise":
@@ -68,9 +58,6 @@ class RerankerTask(TaskModule):
         if batch.teacher_scores is None:
             raise ValueError("task.loss=distill needs teacher scores (pos_scores/neg_scores) on every training line")
         return distill_kl(scores, batch.teacher_scores.to(scores.dtype), temperature=self.cfg.distill_temperature)
-
-    def forward(self, batch: RerankerBatch) -> Tensor:
-        return self.loss_from_outputs([self.scores(batch.pairs)], batch)
 
 
 def _positive_first_labels(scores: Tensor) -> Tensor:

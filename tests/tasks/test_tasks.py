@@ -58,7 +58,7 @@ def test_yes_no_score_equals_the_full_logit_difference_and_trains_only_two_rows(
     backbone = tiny_backbone()
     task = RerankerTask(backbone, TaskConfig(type="reranker", head="yes_no"), yes_no_ids=(10, 20))
     packed = PackedSequences.from_token_lists(SEQS)
-    scores = task.scores(packed)
+    scores = task.encode_tower(packed)
     full = [backbone.logits(h)[-1] for h in per_sequence_hidden(backbone, SEQS)]
     torch.testing.assert_close(scores, torch.stack([f[10] - f[20] for f in full]), rtol=1e-5, atol=1e-5)
     batch = RerankerBatch(pairs=packed, group_size=2)
@@ -73,7 +73,7 @@ def test_linear_head_scores_the_last_token():
     task = RerankerTask(backbone, TaskConfig(type="reranker", head="linear", loss="bce"))
     packed = PackedSequences.from_token_lists(SEQS)
     expected = torch.stack([task.score(h[-1]).squeeze() for h in per_sequence_hidden(backbone, SEQS)])
-    torch.testing.assert_close(task.scores(packed), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(task.encode_tower(packed), expected, rtol=1e-5, atol=1e-5)
     labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     loss = task(RerankerBatch(pairs=packed, group_size=2, labels=labels))
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(expected.view(2, 2), labels))
