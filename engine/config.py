@@ -254,6 +254,12 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
             raise ConfigError(f"model.path={m.path}: no config.json there (a Hugging Face model folder is expected)")
 
 
+def reads_lm_head(t: TaskConfig) -> bool:
+    """Whether the task's head reads rows of the LM head (the reranker's yes/no score): then a
+    pipeline's last stage holds the LM head. The one place this rule is written."""
+    return t.type == "reranker" and t.head == "yes_no"
+
+
 def check_prefix_templates(t: TaskConfig) -> None:
     """sentence-transformers prompts are prefixes: templates with text after the slot cannot export
     (checked at startup when the run exports, and again by engine.export)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from engine.config import ConfigError
+from engine.config import ConfigError, reads_lm_head
 
 
 @dataclass(frozen=True)
@@ -133,12 +133,11 @@ def check_pipeline_fits(cfg, layout: Layout, args) -> None:
     """The stage rule can cut the model, and the stages can hold what the task reads."""
     from engine.parallel.pipeline.stages import StagePlanError, plan_stages
 
-    reads_lm_head = cfg.task.type == "reranker" and cfg.task.head == "yes_no"
     try:
-        plan_stages(args, layout.pp, head_rows=reads_lm_head)
+        plan_stages(args, layout.pp, head_rows=reads_lm_head(cfg.task))
     except StagePlanError as err:
         raise ConfigError(f"parallel.pp={layout.pp}: {err}") from None
-    if reads_lm_head and args.tie_word_embeddings:
+    if reads_lm_head(cfg.task) and args.tie_word_embeddings:
         raise ConfigError(
             f"parallel.pp={layout.pp} with task.head=yes_no on a model with tied embeddings: the last stage would "
             "need a second copy of the embedding kept in step with the first's (not built yet); use "

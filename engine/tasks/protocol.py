@@ -22,14 +22,13 @@ class Task(Protocol):
     # The data-parallel group when there is one, else None (engine.parallel.parallelize sets it):
     # losses gather candidates over it, evaluation splits its queries over it.
     dp_group: ProcessGroup | None
-
-    def towers(self, batch: Any) -> list[PackedSequences]:
-        """The batch's sequences, one packed stream per tower."""
-
     # How the backbone pools each sequence for this task ("last", "mean", "cls").
     pooling: str
     # Whether the head reads the LM head's rows (then a pipeline's last stage holds the LM head).
     reads_lm_head: bool
+
+    def towers(self, batch: Any) -> list[PackedSequences]:
+        """The batch's sequences, one packed stream per tower."""
 
     def encode_tower(self, seqs: PackedSequences) -> Tensor:
         """(num_seqs, ...) float32: one output row per sequence of the stream; the same as

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from engine.config import reads_lm_head
 from engine.data.batch import PackedSequences, RerankerBatch
 from engine.data.tokenize import yes_no_token_ids
 from engine.losses import distill_kl, listwise_ce, pointwise_bce
@@ -24,7 +25,7 @@ class RerankerTask(TaskModule):
         self.cfg = cfg
         self.dp_group = None  # set by engine.parallel.parallelize: evaluation splits batches over it
         # The yes/no head reads two rows of the LM head: a pipeline's last stage must hold it.
-        self.reads_lm_head = cfg.head == "yes_no"
+        self.reads_lm_head = reads_lm_head(cfg)
         if cfg.head == "yes_no":
             if yes_no_ids is None:
                 yes_no_ids = yes_no_token_ids(tokenizer, cfg)

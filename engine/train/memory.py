@@ -98,10 +98,10 @@ def plan_memory(cfg, args, total_params: int, layout) -> MemoryPlan:
 def plan_stage_memory(cfg, args, layout) -> list["StageMemory"]:
     """Each pipeline stage's rank: its parameters by the stage rule (engine/parallel/pipeline/stages.py),
     and activations for the micro-batches 1F1B keeps in flight there (pp - stage, at most the step's)."""
+    from engine.config import reads_lm_head
     from engine.parallel.pipeline.stages import plan_stages
 
-    reads_lm_head = cfg.task.type == "reranker" and cfg.task.head == "yes_no"
-    plan = plan_stages(args, layout.pp, head_rows=reads_lm_head)
+    plan = plan_stages(args, layout.pp, head_rows=reads_lm_head(cfg.task))
     weight_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
     lora_per_layer = (
         lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) // args.num_layers if cfg.lora.rank > 0 else 0

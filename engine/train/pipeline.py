@@ -87,8 +87,6 @@ class GPipeSchedule:
 
     def share_loss(self, loss: float | None) -> float:
         """The last stage's loss, on every stage (for logging and the finite-loss check)."""
-        if self.stage.size == 1:
-            return float(loss)
         value = torch.tensor([loss if self.stage.is_last else 0.0], dtype=torch.float64, device=self.device)
         dist.broadcast(value, group=self.group, group_src=self.stage.size - 1)
         return float(value)
