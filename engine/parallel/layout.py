@@ -130,13 +130,8 @@ TENSOR_PARALLEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pro
 
 
 def check_pipeline_fits(cfg, layout: Layout, args) -> None:
-    """The stage rule can cut the model, and the stages can hold what the task reads."""
-    from engine.parallel.pipeline.stages import StagePlanError, plan_stages
-
-    try:
-        plan_stages(args, layout.pp, head_rows=reads_lm_head(cfg.task))
-    except StagePlanError as err:
-        raise ConfigError(f"parallel.pp={layout.pp}: {err}") from None
+    """The stages can hold what the task reads (check_model_fits_layout already asked for a layer per
+    stage, all the stage rule needs while each rank runs one stage)."""
     if reads_lm_head(cfg.task) and args.tie_word_embeddings:
         raise ConfigError(
             f"parallel.pp={layout.pp} with task.head=yes_no on a model with tied embeddings: the last stage would "
