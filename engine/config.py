@@ -151,6 +151,8 @@ class EvalConfig:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel degree; 1 = off
     pp: int = 1  # pipeline stages
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved (engine/train/pipeline_timeline.py)
+    pp_virtual: int = 1  # virtual stages (model chunks) per pp rank; > 1 needs pp_schedule=interleaved
     ulysses: int = 1  # all-to-all sequence-parallel degree
     ring: int = 1  # ring-attention degree
     sequence_parallel: bool = True  # Megatron SP when tp > 1
@@ -240,8 +242,9 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
         _validate_architecture(m)
     if cfg.export.output_dir and t.type == "embedding":
         check_prefix_templates(t)
-    for key in ("tp", "pp", "ulysses", "ring"):
+    for key in ("tp", "pp", "pp_virtual", "ulysses", "ring"):
         _positive(f"parallel.{key}", getattr(p, key))
+    _check_pipeline_schedule(p)
     if not tr.dry_run:
         if need_train_data:
             if not d.train:
@@ -252,6 +255,20 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
             raise ConfigError(f"data.eval={d.eval}: no such file")
         if m.path and not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path={m.path}: no config.json there (a Hugging Face model folder is expected)")
+
+
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")  # engine/train/pipeline_timeline.py runs them
+
+
+def _check_pipeline_schedule(p: ParallelConfig) -> None:
+    if p.pp_schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r}: choose one of {', '.join(PIPELINE_SCHEDULES)}")
+    if p.pp_virtual > 1 and p.pp_schedule != "interleaved":
+        raise ConfigError(f"parallel.pp_virtual={p.pp_virtual} needs parallel.pp_schedule=interleaved "
+                          f"(got {p.pp_schedule})")
+    if p.pp_schedule == "interleaved" and p.pp_virtual < 2:
+        raise ConfigError("parallel.pp_schedule=interleaved needs parallel.pp_virtual >= 2 "
+                          "(virtual stages per pp rank)")
 
 
 def reads_lm_head(t: TaskConfig) -> bool:

@@ -73,7 +73,7 @@ def encode_tokens(task, token_lists, batch_size, device, autocast_dtype=None, en
     the task's mode is restored afterwards (evaluation runs mid-training). encode_tower, not
     embed/scores: it is the method a data-parallel (FSDP) model registers as a forward.
     `encode` replaces encode_tower where one rank does not hold the whole tower (a pipeline
-    stage: engine.train.pipeline.GPipeSchedule.encode, the rows on every stage)."""
+    stage: engine.train.pipeline.PipelineSchedule.encode, the rows on every stage)."""
     was_training = task.training
     task.eval()
     try:

@@ -214,6 +214,12 @@ class Transformer(nn.Module):
         padded = pad_packed(input_ids, position_ids, cu_seqlens, max_seqlen, self.sequence_pad_multiple)
         return StreamLayout(*padded, None, tokens, global_cu_seqlens, None)
 
+    def hidden_shape(self, stream: StreamLayout) -> tuple[int, int]:
+        """The residual stream's (tokens, hidden) between layers on this rank: the laid-out tokens, split
+        over the tp ranks under sequence parallelism (the stream is padded to that multiple and the
+        embedding reduce-scatters it)."""
+        return len(stream.input_ids) // self.sequence_pad_multiple, self.args.hidden_size
+
     def embed(self, stream: StreamLayout) -> Tensor:
         return self.model.embed_tokens(stream.input_ids)  # (T, hidden), or this rank's slice of T
 

@@ -47,6 +47,22 @@ def set_gradient_sync(task: nn.Module, mesh: ParallelMesh, enabled: bool) -> Non
         task.set_requires_gradient_sync(enabled)
 
 
+def pipeline_gradient_sync(task: nn.Module, chunk_layers: dict[int, list[nn.Module]], mesh: ParallelMesh):
+    """For a pipeline stage under FSDP: the hook its schedule calls before each backward
+    (engine/train/pipeline.py), so each FSDP unit reduces its gradients once per step, at its last
+    backward: a chunk's layers at the chunk's, the root (embedding, norm, heads, which every chunk's
+    forward passes through as encode_stage) at the stage's. None without data parallelism."""
+    if mesh.dp_sp == 1:
+        return None
+
+    def before_backward(chunk: int, chunk_done: bool, stage_done: bool) -> None:
+        for layer in chunk_layers[chunk]:
+            layer.set_requires_gradient_sync(chunk_done, recurse=False)
+        task.set_requires_gradient_sync(stage_done, recurse=False)
+
+    return before_backward
+
+
 def _square_sum_counted_once(grad: Tensor, mesh: ParallelMesh) -> Tensor:
     """Sum of squares of this rank's part of grad, zero where another rank holds the same copy.
 

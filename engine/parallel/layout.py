@@ -15,6 +15,7 @@ class Layout:
     ulysses: int = 1
     ring: int = 1
     dp: int = 1
+    virtual: int = 1  # pipeline chunks per pp rank (parallel.pp_virtual; interleaved schedule)
 
     @property
     def world_size(self) -> int:
@@ -46,7 +47,7 @@ def layout_from_config(parallel, world_size: int | None = None) -> Layout:
             f"does not divide the world size {world_size} (world sizes that work: multiples of {model_parallel}; "
             f"tp*pp*ulysses*ring values that work: {_divisors(world_size)})"
         )
-    return Layout(p.tp, p.pp, p.ulysses, p.ring, world_size // model_parallel)
+    return Layout(p.tp, p.pp, p.ulysses, p.ring, world_size // model_parallel, p.pp_virtual)
 
 
 def check_model_fits_layout(args, layout: Layout) -> None:
@@ -76,8 +77,9 @@ def check_model_fits_layout(args, layout: Layout) -> None:
             f"vocab_size={args.vocab_size} is not divisible by parallel.tp={tp} "
             f"(tp that works: {_divisors(args.vocab_size)})"
         )
-    if args.num_layers < layout.pp:
-        raise ConfigError(f"num_layers={args.num_layers} is fewer than parallel.pp={layout.pp} stages")
+    if args.num_layers < layout.pp * layout.virtual:
+        chunks = f"parallel.pp={layout.pp}" + (f" x parallel.pp_virtual={layout.virtual}" if layout.virtual > 1 else "")
+        raise ConfigError(f"num_layers={args.num_layers} is fewer than {chunks} pipeline chunks (a layer each)")
     check_ulysses_heads(args, layout)
 
 
@@ -131,7 +133,7 @@ TENSOR_PARALLEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pro
 
 def check_pipeline_fits(cfg, layout: Layout, args) -> None:
     """The stages can hold what the task reads (check_model_fits_layout already asked for a layer per
-    stage, all the stage rule needs while each rank runs one stage)."""
+    chunk, all the stage rule needs)."""
     if reads_lm_head(cfg.task) and args.tie_word_embeddings:
         raise ConfigError(
             f"parallel.pp={layout.pp} with task.head=yes_no on a model with tied embeddings: the last stage would "

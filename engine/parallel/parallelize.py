@@ -54,7 +54,7 @@ def parallelize(task: nn.Module, mesh: ParallelMesh, sequence_parallel: bool,
 
 def apply_pipeline(task: nn.Module, mesh: ParallelMesh) -> None:
     """Keep this rank's pipeline stage (engine/parallel/pipeline): its layers, under their global names."""
-    keep_stage(task, plan_for(task, mesh.pp).chunks_of(mesh.pp_rank)[0])
+    keep_stage(task, plan_for(task, mesh.pp, mesh.layout.virtual).chunks_of(mesh.pp_rank))
 
 
 def apply_context_parallel(backbone: nn.Module, mesh: ParallelMesh, sequence_parallel: bool) -> None:

@@ -36,6 +36,12 @@ class TaskModule(nn.Module):
         )  # (num_seqs, H)
         return self.rows_from_pooled(pooled)
 
+    def hidden_shape(self, seqs: PackedSequences) -> tuple[int, int]:
+        """The residual stream's shape on this rank for these sequences (between pipeline stages)."""
+        backbone = self.backbone
+        return backbone.hidden_shape(backbone.lay_out(seqs.input_ids, seqs.position_ids, seqs.cu_seqlens,
+                                                      seqs.max_seqlen))
+
     def encode_stage(self, seqs: PackedSequences, received: Tensor | None, layers: list[nn.Module],
                      first: bool, last: bool) -> Tensor:
         """One pipeline stage of encode_tower: the first stage embeds, each runs `layers`, the last

@@ -37,6 +37,9 @@ class Task(Protocol):
     def rows_from_pooled(self, pooled: Tensor) -> Tensor:
         """The task's head on the backbone's pooled rows: what a pipeline's last stage applies."""
 
+    def hidden_shape(self, seqs: PackedSequences) -> tuple[int, int]:
+        """The residual stream's shape on this rank between pipeline stages (engine/tasks/base.py)."""
+
     def encode_stage(self, seqs: PackedSequences, received: Tensor | None, layers: list, first: bool,
                      last: bool) -> Tensor:
         """One pipeline stage's part of encode_tower (engine/tasks/base.py)."""

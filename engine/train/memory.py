@@ -6,7 +6,7 @@ in 16-bit with flash attention (no s^2 term), divided by tp under Megatron seque
 parallelism (s*b*h*(10 + 24/tp) without it) and by ulysses*ring under context parallelism.
 train.recompute=full keeps only each layer's 2-byte input plus one layer being recomputed.
 With pipeline stages (pp > 1) each stage is planned apart: its parameters by the stage rule
-(engine/parallel/pipeline/stages.py) and its activations times the micro-batches 1F1B keeps in
+(engine/parallel/pipeline/stages.py) and its activations times the micro-batch layers its schedule keeps in
 flight there; the summary line is the heaviest stage.
 """
 from __future__ import annotations
@@ -66,11 +66,12 @@ def tokens_per_microbatch(cfg) -> int:
     return queries * (d.query_max_len + group * d.doc_max_len)
 
 
-def micro_batches_per_step(cfg, layout) -> int:
-    """Micro-batches a pipeline streams through per optimizer step: grad-cache chunks, or grad_accum."""
+def micro_batches_per_pass(cfg, layout) -> int:
+    """Micro-batches one pipeline pass streams through (engine/train/schedule.py's _pipelined): an
+    embedding's grad-cache chunks, or its two towers; a reranker's grad_accum micro-batches."""
     t, tr = cfg.task, cfg.train
     if not tr.grad_cache:
-        return tr.grad_accum
+        return 2 if t.type == "embedding" else tr.grad_accum
     queries = tr.batch_size // layout.dp
     sequences = queries * (1 + t.num_negatives) + (queries if t.type == "embedding" else 0)
     return -(-sequences // tr.grad_cache_chunk)
@@ -97,11 +98,13 @@ def plan_memory(cfg, args, total_params: int, layout) -> MemoryPlan:
 
 def plan_stage_memory(cfg, args, layout) -> list["StageMemory"]:
     """Each pipeline stage's rank: its parameters by the stage rule (engine/parallel/pipeline/stages.py),
-    and activations for the micro-batches 1F1B keeps in flight there (pp - stage, at most the step's)."""
+    and activations for the most micro-batch layers the schedule keeps in flight there at once (its
+    own timeline, engine/train/pipeline_timeline.py: 1F1B pp - stage micro-batches, GPipe all)."""
     from engine.config import reads_lm_head
     from engine.parallel.pipeline.stages import plan_stages
+    from engine.train.pipeline_timeline import peak_layers_in_flight
 
-    plan = plan_stages(args, layout.pp, head_rows=reads_lm_head(cfg.task))
+    plan = plan_stages(args, layout.pp, layout.virtual, head_rows=reads_lm_head(cfg.task))
     weight_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
     lora_per_layer = (
         lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) // args.num_layers if cfg.lora.rank > 0 else 0
@@ -113,19 +116,20 @@ def plan_stage_memory(cfg, args, layout) -> list["StageMemory"]:
     # (norms and dropouts then hold full activations on every tp rank).
     per_token = 34 / layout.tp if cfg.parallel.sequence_parallel or layout.tp == 1 else 10 + 24 / layout.tp
     full_layer = per_token * tokens_per_rank * h
-    micro = micro_batches_per_step(cfg, layout)
+    micro = micro_batches_per_pass(cfg, layout)
+    schedule = cfg.parallel.pp_schedule if layout.pp > 1 else "gpipe"
+    in_flight = peak_layers_in_flight(schedule, plan, micro)
     stages = []
     for rank in range(layout.pp):
         params = plan.cost_of(rank)
         layers = len(plan.layers_of(rank))
         trainable = layers * lora_per_layer if cfg.lora.rank > 0 else params
-        in_flight = max(1, min(layout.pp - rank, micro))
         # Selective recomputation frees the attention core's own activations, which the fused
         # varlen kernels assumed here never hold beyond q, k, v, the output and the LSE.
         if cfg.train.recompute == "full":
-            activations = in_flight * layers * 2 * tokens_per_rank * h + full_layer
+            activations = in_flight[rank] * 2 * tokens_per_rank * h + full_layer
         else:
-            activations = in_flight * layers * full_layer
+            activations = in_flight[rank] * full_layer
         stages.append(StageMemory(
             description=plan.describe()[rank],
             weights=params * weight_bytes / layout.tp,

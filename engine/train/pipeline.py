@@ -12,10 +12,10 @@ The parameter gradients equal those of one graph over the whole global batch. A 
 stays inside a query group, so it runs the plain schedule: micro-batches of whole groups, each
 with its own loss on the last stage.
 
-Order: GPipe (every micro-batch forward, then every backward, last first), on blocking
-point-to-point transfers (p2p.py) in the same order on every stage, so every send meets its
-receive. 1F1B and interleaving, which bound the activations kept to pp micro-batches, are the next
-schedules to add (issue 10).
+Order: the schedule's (parallel.pp_schedule: gpipe, 1f1b, interleaved), as the timeline of
+engine/train/pipeline_timeline.py gives it tick by tick; each tick's transfers are posted in one
+batch (p2p.py) and waited for only when an action needs the tensor, so a rank runs ahead while
+its neighbours finish. The GradCache pipeline's first pass runs the schedule's forwards only.
 """
 from __future__ import annotations
 
@@ -27,58 +27,52 @@ import torch.distributed as dist
 from torch import Tensor
 
 from engine.data.batch import PackedSequences
-from engine.parallel.pipeline.p2p import recv_from, send_to
+from engine.parallel.pipeline.p2p import post
 from engine.parallel.pipeline.stage import PipelineStage
 from engine.train.grad_cache import RandContext
+from engine.train.pipeline_timeline import Action, Tick, timeline
 
 
-class GPipeSchedule:
-    """Runs micro-batches through this rank's stage; ranks of `group` are the stages in order."""
+GradientSync = Callable[[int, bool, bool], None]  # (chunk, chunk_done, stage_done) -> None
 
-    def __init__(self, stage: PipelineStage, group: dist.ProcessGroup | None, dtype: torch.dtype,
-                 device: torch.device):
-        self.stage, self.group, self.dtype, self.device = stage, group, dtype, device
 
-    def _forward(self, seqs: PackedSequences, keep_graph: bool) -> tuple[Tensor | None, Tensor]:
-        stage = self.stage
-        received = None
-        if not stage.is_first:
-            received = recv_from(stage.rank - 1, self.group, self.dtype, self.device)
-            received.requires_grad_(keep_graph)
-        out = stage.forward(seqs, received)
-        if not stage.is_last:
-            send_to(out.detach(), stage.rank + 1, self.group)
-        return received, out
+class PipelineSchedule:
+    """Runs micro-batches through this rank's chunks in the order of a schedule
+    (engine/train/pipeline_timeline.py); ranks of `group` are the pp ranks in order."""
 
-    def forward_only(self, micro_batches: Sequence[PackedSequences]) -> tuple[list[Tensor], list[RandContext]]:
+    def __init__(self, stage: PipelineStage, schedule: str, group: dist.ProcessGroup | None, dtype: torch.dtype,
+                 device: torch.device, gradient_sync: GradientSync | None = None):
+        """gradient_sync(chunk, chunk_done, stage_done), when given, runs before each backward: whether
+        this backward is the step's last through the chunk and through this rank (engine/parallel/data.py's
+        pipeline_gradient_sync: FSDP then reduces each unit's gradients once per step)."""
+        self.stage, self.schedule, self.group, self.dtype, self.device = stage, schedule, group, dtype, device
+        self.gradient_sync = gradient_sync
+
+    def forward_only(self, micro_batches: Sequence[PackedSequences]) -> tuple[list[Tensor], dict]:
         """Each micro-batch through every stage without graphs. Returns the last stage's rows ([] on
-        the others) and each micro-batch's RNG state before its forward, for forward_backward to replay."""
-        rows, states = [], []
+        the others) and the RNG state before each forward, for forward_backward to replay."""
+        run = _Run(self, micro_batches, graph=False)
         with torch.no_grad():
-            for seqs in micro_batches:
-                states.append(RandContext())
-                rows.append(self._forward(seqs, keep_graph=False)[1])
-        return (rows if self.stage.is_last else []), states
+            run.through(timeline(self.schedule, self.stage.size, self.stage.virtual, len(micro_batches),
+                                 forward_only=True)[self.stage.rank])
+        rows = [run.rows[i] for i in range(len(micro_batches))] if self.stage.is_last else []
+        return rows, run.states
 
     def forward_backward(self, micro_batches: Sequence[PackedSequences], seed: Callable[[int, Tensor], Tensor],
-                         replay: Sequence[RandContext] | None = None) -> None:
-        """Forward every micro-batch with its graph (replaying its RNG state when given), then backward,
-        last micro-batch first. On the last stage seed(index, rows) is the scalar whose backward starts
-        each micro-batch's pass."""
-        saved = []
-        for index, seqs in enumerate(micro_batches):
-            with replay[index] if replay is not None else contextlib.nullcontext():
-                saved.append(self._forward(seqs, keep_graph=True))
-        stage = self.stage
-        for index in reversed(range(len(saved))):
-            received, out = saved[index]
-            if stage.is_last:
-                seed(index, out).backward()
-            else:
-                out.backward(recv_from(stage.rank + 1, self.group, self.dtype, self.device))
-            if not stage.is_first:
-                send_to(received.grad, stage.rank - 1, self.group)
-            saved[index] = None  # this micro-batch's activations go now, not at the end of the step
+                         replay: dict | None = None, last_of_step: bool = True) -> None:
+        """Forward and backward every micro-batch in the schedule's order (replaying the RNG state
+        forward_only recorded, when given). On the last stage seed(index, rows) is the scalar whose
+        backward starts each micro-batch's pass. last_of_step: no other pass follows before the
+        optimizer step (gradients are reduced over dp in this one)."""
+        ticks = timeline(self.schedule, self.stage.size, self.stage.virtual, len(micro_batches))[self.stage.rank]
+        before_backward = None
+        if self.gradient_sync is not None:
+            last_of_chunk, last_of_rank = _last_backwards(ticks) if last_of_step else ({}, None)
+
+            def before_backward(a: Action) -> None:
+                self.gradient_sync(a.chunk, last_of_chunk.get(a.chunk) == a, last_of_rank == a)
+
+        _Run(self, micro_batches, graph=True, seed=seed, replay=replay, before_backward=before_backward).through(ticks)
 
     def encode(self, seqs: PackedSequences) -> Tensor:
         """Forward only, the last stage's rows handed to every stage (evaluation: every rank ranks)."""
@@ -90,6 +84,97 @@ class GPipeSchedule:
         value = torch.tensor([loss if self.stage.is_last else 0.0], dtype=torch.float64, device=self.device)
         dist.broadcast(value, group=self.group, group_src=self.stage.size - 1)
         return float(value)
+
+
+class _Run:
+    """One pass of a schedule over one rank's ticks: inputs that arrived, graphs kept for backward."""
+
+    def __init__(self, schedule: PipelineSchedule, micro_batches: Sequence[PackedSequences], graph: bool,
+                 seed: Callable[[int, Tensor], Tensor] | None = None, replay: dict | None = None,
+                 before_backward: Callable[[Action], None] | None = None):
+        self.schedule, self.micro_batches, self.graph, self.seed, self.replay = (
+            schedule, micro_batches, graph, seed, replay)
+        self.before_backward = before_backward
+        self.inbox: dict[tuple[str, int, int], tuple[Tensor, list]] = {}  # (kind, chunk, micro) -> (buffer, works)
+        self.sending: list[tuple[Tensor, list]] = []  # tensors being sent, with the works to wait for
+        self.shapes: dict[int, tuple[int, ...]] = {}  # micro -> the hidden states' shape between stages
+        self.saved: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}  # (chunk, micro) -> (input, output)
+        self.rows: dict[int, Tensor] = {}  # micro -> the last chunk's rows (forward only)
+        self.states: dict[tuple[int, int], RandContext] = {}  # (chunk, micro) -> RNG state before its forward
+
+    def through(self, ticks: Sequence[Tick]) -> None:
+        s = self.schedule
+        for tick in ticks:
+            out = None
+            if tick.action is not None:
+                out = self._forward(tick.action) if tick.action.kind == "F" else self._backward(tick.action)
+            if tick.sends or tick.recvs:
+                self._post(tick, out)
+        for _, waits in self.sending:
+            for work in waits:
+                work.wait()
+        self.sending.clear()
+        assert not self.inbox and not self.saved, "a pipeline pass ended with tensors no action consumed"
+
+    def _post(self, tick: Tick, out: Tensor | None) -> None:
+        """Start the tick's transfers: buffers sized from the micro-batch (every stage lays out the same
+        stream), waited for only when an action needs them."""
+        s = self.schedule
+        for transfer in tick.sends:
+            expected = self._shape(transfer.micro)
+            if tuple(out.shape) != expected:
+                raise RuntimeError(f"pipeline stage {s.stage.rank} would send shape {tuple(out.shape)} where the "
+                                   f"next stage expects {expected} (PipelineStage.hidden_shape)")
+        buffers = [torch.empty(self._shape(t.micro), dtype=s.dtype, device=s.device) for t in tick.recvs]
+        waits = post([(out, t.dst) for t in tick.sends], [(b, t.src) for b, t in zip(buffers, tick.recvs)], s.group)
+        self.sending += [(out, w) for w in waits[:len(tick.sends)]]  # the tensor stays alive until sent
+        for transfer, buffer, w in zip(tick.recvs, buffers, waits[len(tick.sends):]):
+            self.inbox[(transfer.kind, transfer.chunk, transfer.micro)] = (buffer, w)
+        self.sending = [(t, w) for t, w in self.sending if not all(work.is_completed() for work in w)]
+
+    def _shape(self, micro: int) -> tuple[int, ...]:
+        if micro not in self.shapes:
+            self.shapes[micro] = tuple(self.schedule.stage.hidden_shape(self.micro_batches[micro]))
+        return self.shapes[micro]
+
+    def _take(self, key: tuple[str, int, int]) -> Tensor:
+        buffer, waits = self.inbox.pop(key)
+        for work in waits:
+            work.wait()
+        return buffer
+
+    def _forward(self, action: Action) -> Tensor | None:
+        chunk = self.schedule.stage.chunk(action.chunk)
+        received = None if chunk.embedding else self._take(("F", action.chunk, action.micro))
+        if received is not None and self.graph:
+            received.requires_grad_(True)
+        key = (action.chunk, action.micro)
+        if not self.graph:
+            self.states[key] = RandContext()
+        with self.replay[key] if self.replay is not None else contextlib.nullcontext():
+            out = self.schedule.stage.forward(action.chunk, self.micro_batches[action.micro], received)
+        if self.graph:
+            self.saved[key] = (received, out)
+        elif chunk.head:
+            self.rows[action.micro] = out
+        return None if chunk.head else out.detach()
+
+    def _backward(self, action: Action) -> Tensor | None:
+        chunk = self.schedule.stage.chunk(action.chunk)
+        received, out = self.saved.pop((action.chunk, action.micro))  # its activations go after this
+        if self.before_backward is not None:
+            self.before_backward(action)
+        if chunk.head:
+            self.seed(action.micro, out).backward()
+        else:
+            out.backward(self._take(("B", action.chunk, action.micro)))
+        return None if received is None else received.grad
+
+
+def _last_backwards(ticks: Sequence[Tick]) -> tuple[dict[int, Action], Action | None]:
+    """The last backward of each chunk in a pass, and of the whole pass on this rank."""
+    backwards = [t.action for t in ticks if t.action is not None and t.action.kind == "B"]
+    return {a.chunk: a for a in backwards}, (backwards[-1] if backwards else None)
 
 
 def broadcast_from_last(rows: Tensor | None, stage: PipelineStage, group, device: torch.device) -> Tensor:
@@ -106,8 +191,8 @@ def broadcast_from_last(rows: Tensor | None, stage: PipelineStage, group, device
     return rows.squeeze(-1) if int(shape[1]) == 1 else rows
 
 
-def grad_cache_pipeline_step(schedule: GPipeSchedule, towers: Sequence[Sequence[PackedSequences]],
-                             loss_fn: Callable[[list[Tensor]], Tensor]) -> float:
+def grad_cache_pipeline_step(schedule: PipelineSchedule, towers: Sequence[Sequence[PackedSequences]],
+                             loss_fn: Callable[[list[Tensor]], Tensor], last_of_step: bool = True) -> float:
     """One step's gradients for a loss over every tower's whole output (InfoNCE over the global batch).
 
     towers: each tower's chunks (the micro-batches); loss_fn([tower outputs]) runs on the last stage.
@@ -131,11 +216,12 @@ def grad_cache_pipeline_step(schedule: GPipeSchedule, towers: Sequence[Sequence[
             grads.extend(leaf.grad.split(counts[start:start + len(tower)]))
             start += len(tower)
     # 3. Forward again with graphs (the same RNG draws), backward from <rows, cached gradient>.
-    schedule.forward_backward(chunks, lambda index, out: (out * grads[index]).sum(), replay=states)
+    schedule.forward_backward(chunks, lambda index, out: (out * grads[index]).sum(), replay=states,
+                              last_of_step=last_of_step)
     return schedule.share_loss(loss)
 
 
-def plain_pipeline_step(schedule: GPipeSchedule, micro_batches: Sequence[PackedSequences],
+def plain_pipeline_step(schedule: PipelineSchedule, micro_batches: Sequence[PackedSequences],
                         loss_fns: Sequence[Callable[[Tensor], Tensor]]) -> float:
     """Micro-batches each with its own loss on the last stage (a reranker's whole query groups):
     the step's loss is their mean. Returns it on every stage."""

@@ -24,7 +24,7 @@ from typing import Any
 from engine.config import TrainConfig
 from engine.tasks.protocol import Task
 from engine.train.grad_cache import grad_cache_step
-from engine.train.pipeline import GPipeSchedule, grad_cache_pipeline_step, plain_pipeline_step
+from engine.train.pipeline import PipelineSchedule, grad_cache_pipeline_step, plain_pipeline_step
 
 ForwardBackward = Callable[[Task, Sequence[Any]], float]
 
@@ -33,7 +33,7 @@ def select_forward_backward(
     cfg: TrainConfig,
     autocast: Callable[[], AbstractContextManager],
     set_gradient_sync: Callable[[bool], None],
-    pipeline: GPipeSchedule | None = None,
+    pipeline: PipelineSchedule | None = None,
 ) -> ForwardBackward:
     """autocast() opens the run's mixed-precision context; set_gradient_sync(enabled) tells the
     data-parallel wrapper whether this backward must reduce gradients (only the last micro-batch's).
@@ -74,13 +74,13 @@ def _grad_cached(chunk: int, autocast):
     return one
 
 
-def _pipelined(cfg: TrainConfig, autocast, pipeline: GPipeSchedule) -> ForwardBackward:
+def _pipelined(cfg: TrainConfig, autocast, pipeline: PipelineSchedule) -> ForwardBackward:
     """Through pipeline stages (engine/train/pipeline.py). With train.grad_cache, or with several towers
     (an embedding's loss needs both at once), the GradCache pipeline: chunks of grad_cache_chunk
     sequences (or whole towers) as pipeline micro-batches, the loss over the whole micro-batch on the
     last stage. A one-tower task without grad cache (the reranker, whose loss stays inside a query
     group) pipelines the step's micro-batches, each with its own loss. Gradients are reduced over dp
-    at every backward (FSDP's default): correct, more traffic than needed."""
+    once per step: in the last pass, at each chunk's last backward (PipelineSchedule's gradient_sync)."""
 
     def forward_backward(task: Task, micro_batches: Sequence[Any]) -> float:
         with autocast():
@@ -88,10 +88,11 @@ def _pipelined(cfg: TrainConfig, autocast, pipeline: GPipeSchedule) -> ForwardBa
             if cfg.grad_cache or len(towers[0]) > 1:
                 total = 0.0
                 scale = 1.0 / len(micro_batches)
-                for batch, seqs in zip(micro_batches, towers):
+                for index, (batch, seqs) in enumerate(zip(micro_batches, towers)):
                     chunks = [s.chunks(cfg.grad_cache_chunk) if cfg.grad_cache else [s] for s in seqs]
                     total += grad_cache_pipeline_step(
-                        pipeline, chunks, lambda outputs, b=batch: task.loss_from_outputs(outputs, b) * scale
+                        pipeline, chunks, lambda outputs, b=batch: task.loss_from_outputs(outputs, b) * scale,
+                        last_of_step=index == len(micro_batches) - 1,
                     ) / scale
                 return total / len(micro_batches)
             loss_fns = [lambda rows, b=batch: task.loss_from_outputs([rows], b) for batch in micro_batches]

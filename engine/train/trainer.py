@@ -29,7 +29,14 @@ from engine.data.formats import load_examples
 from engine.data.sampler import BatchSampler, derived_seed
 from engine.data.tokenize import TextEncoder
 from engine.train import checkpoint as ckpt
-from engine.parallel.data import clip_grad_norm, gather_full_parameters, reduce_mean, reduce_sum, set_gradient_sync
+from engine.parallel.data import (
+    clip_grad_norm,
+    gather_full_parameters,
+    pipeline_gradient_sync,
+    reduce_mean,
+    reduce_sum,
+    set_gradient_sync,
+)
 from engine.parallel.load import fill_meta_parameters
 from engine.parallel.mesh import ParallelMesh
 from engine.parallel.parallelize import parallelize
@@ -40,7 +47,7 @@ from engine.kernels.select import select_kernels
 from engine.train.evaluate import evaluate_task
 from engine.train.logger import MetricsLogger
 from engine.train.optim import build_optimizer, build_scheduler
-from engine.train.pipeline import GPipeSchedule
+from engine.train.pipeline import PipelineSchedule
 from engine.train.schedule import select_forward_backward
 
 
@@ -208,13 +215,15 @@ class Trainer:
 
         return CheckpointSlices(self.cfg.model.path, self.model.backbone.args).read(backbone_name, dtype=param.dtype)
 
-    def _pipeline_schedule(self) -> GPipeSchedule:
+    def _pipeline_schedule(self) -> PipelineSchedule:
         """This rank's stage (parallelize() kept its layers) and the schedule that runs it."""
-        plan = plan_for(self.model, self.mesh.pp)
-        self.log(f"pipeline: {'; '.join(plan.describe())}")
+        plan = plan_for(self.model, self.mesh.pp, self.mesh.layout.virtual)
+        schedule = self.cfg.parallel.pp_schedule
+        self.log(f"pipeline ({schedule}): {'; '.join(plan.describe())}")
         stage = PipelineStage(self.model, plan, self.mesh.pp_rank)
         dtype = resolve_dtype(self.cfg.model.dtype, self.device)  # the residual stream's: the weights'
-        return GPipeSchedule(stage, self.mesh.group("pp"), dtype, self.device)
+        return PipelineSchedule(stage, schedule, self.mesh.group("pp"), dtype, self.device,
+                                pipeline_gradient_sync(self.model, stage.layers, self.mesh))
 
     # ---- one optimizer step ------------------------------------------------------------
     def _autocast(self):

@@ -246,7 +246,7 @@ INVALID = {
     "vocab": ("2", ["parallel.tp=2", "model.vocab_size=513"], ["vocab_size=513 is not divisible by parallel.tp=2"]),
     "batch": ("2", ["train.batch_size=6", "train.grad_accum=2"],
               ["train.batch_size=6 is not divisible by data-parallel size 2 x train.grad_accum=2 = 4"]),
-    "pp-layers": ("4", ["parallel.pp=4"], ["num_layers=2 is fewer than parallel.pp=4 stages"]),
+    "pp-layers": ("4", ["parallel.pp=4"], ["num_layers=2 is fewer than parallel.pp=4 pipeline chunks"]),
     "pp-tied-yes-no": ("2", ["parallel.pp=2", "task=reranker"],
                        ["parallel.pp=2 with task.head=yes_no on a model with tied embeddings"]),
     "ulysses-heads": ("4", ["parallel.ulysses=4", "model.num_heads=6", "model.hidden_size=96"],

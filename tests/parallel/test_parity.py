@@ -82,14 +82,20 @@ LAYOUTS = {
     8: {
         "pp2xtp2xdp2": ["parallel.pp=2", "parallel.tp=2"],
         "pp4xdp2": ["parallel.pp=4"],  # 4 layers: the "layers4" variant only
+        # Interleaved 1F1B, 2 virtual stages per rank (4 layers: the "layers4" variant only).
+        "pp2v2xtp2xdp2": ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=interleaved",
+                          "parallel.pp_virtual=2"],
     },
 }
+# Pipeline layouts run the default schedule (1f1b) unless they say otherwise.
 LAYOUTS[2]["pp2"] = ["parallel.pp=2"]
-# Layouts run for some tasks only: 8 processes on a 2-core machine are slow, and pp 4 needs 4 layers.
-# Between them the pipeline layouts cover both tasks in every pipeline composition; pp2 and pp2 x tp2
-# run every task.
-LAYOUT_TASKS = {"pp2xtp2xdp2": ("embedding-lora",), "pp2xring2xtp2": ("reranker-lora-qwen2-linear",),
-                "pp4": (), "pp4xdp2": (),
+LAYOUTS[2]["pp2-gpipe"] = ["parallel.pp=2", "parallel.pp_schedule=gpipe"]
+LAYOUTS[2]["pp2v2"] = ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2"]
+# Layouts run for some tasks only: pp 4 and 2 virtual stages per rank need 4 layers (the "layers4"
+# variant, which runs every task there), and the 4-rank compositions of pp are covered by every
+# task on 8 ranks. Every task runs pp2, pp2 x tp2 and each 8-rank pipeline layout.
+LAYOUT_TASKS = {"pp4": (), "pp4xdp2": (), "pp2v2": (), "pp2v2xtp2xdp2": (),
+                "pp2-gpipe": ("embedding-full-qwen3", "reranker-full-untied"),
                 "pp2xdp2": ("embedding-full-qwen3", "reranker-full-untied"), "pp2xulysses2": ("embedding-lora",),
                 "pp2xring2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear")}
 # Context parallelism, trained on the data with 3-token documents (SHORT_DOCS).
@@ -136,12 +142,14 @@ EXTRA_TASKS = {
     "path": ("embedding-lora", "reranker-full-untied"),
     "recompute-full": ("embedding-lora", "reranker-full-untied"),
     "recompute-selective": ("embedding-lora",),
-    "layers4": ("embedding-lora", "reranker-full-untied"),  # pp4: both; pp4 x dp2 (8 ranks): the reranker
+    "layers4": ("embedding-lora", "embedding-full-qwen3", "reranker-lora-qwen2-linear", "reranker-full-untied"),
 }
 EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2", "pp2"), "gradcache": ("dp2", "dp2xtp2", "ulysses2", "pp2", "pp2xdp2"),
                  "path": ("tp2-sp", "dp2xtp2", "tp2xulysses2", "pp2xtp2"), "recompute-full": ("ring2", "ring2xulysses2"),
-                 "recompute-selective": ("ring2",), "layers4": ("pp4", "pp4xdp2")}
-EXTRA_LAYOUT_TASKS = {("layers4", "pp4xdp2"): ("reranker-full-untied",), ("path", "pp2xtp2"): ("embedding-lora",),
+                 "recompute-selective": ("ring2",),
+                 "layers4": ("pp4", "pp4xdp2", "pp2v2", "pp2v2xtp2xdp2")}
+EXTRA_LAYOUT_TASKS = {("layers4", "pp4"): ("embedding-lora", "reranker-full-untied"),
+                      ("path", "pp2xtp2"): ("embedding-lora",),
                       ("gradcache", "pp2xdp2"): ("embedding-lora",)}
 
 

@@ -1,8 +1,8 @@
 """Pipeline stages and schedules on real gloo processes against one process.
 
 1. Reference: one process, the whole model, the whole global batch in one graph (loss.backward()).
-2. The same model (same seed) cut into pp stages (keep_stage), the same batch through the GPipe
-   schedule: the GradCache pipeline for embeddings (InfoNCE over the whole batch, chunks as
+2. The same model (same seed) cut into pp stages (keep_stage), the same batch through each pipeline
+   schedule (gpipe, 1f1b, interleaved with 2 virtual stages per rank): the GradCache pipeline for embeddings (InfoNCE over the whole batch, chunks as
    micro-batches), the plain schedule for a reranker (micro-batches of whole query groups).
 3. Every stage's loss equals the reference's, and every parameter a stage holds has the reference's
    gradient. The GradCache pipeline is also run with chunks of one and of several sequences, and the
@@ -23,7 +23,7 @@ from engine.parallel.pipeline.stage import PipelineStage, StageLayoutError, keep
 from engine.parallel.pipeline.stages import plan_stages
 from engine.parallel.spawn import spawn_ranks
 from engine.tasks import EmbeddingTask, RerankerTask
-from engine.train.pipeline import GPipeSchedule, grad_cache_pipeline_step, plain_pipeline_step
+from engine.train.pipeline import PipelineSchedule, grad_cache_pipeline_step, plain_pipeline_step
 
 ARGS = dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
             num_kv_heads=2)
@@ -66,11 +66,12 @@ def reference(case: dict) -> dict:
             "unused": {n for n, p in trainable if p.grad is None}}
 
 
-def _stage_worker(rank: int, world: int, case: dict) -> dict:
+def _stage_worker(rank: int, world: int, case: dict, kind: str, virtual: int) -> dict:
     task = build(case)
-    plan = plan_stages(task.backbone.args, world, head_rows=task.reads_lm_head)
-    keep_stage(task, plan.chunks_of(rank)[0])
-    schedule = GPipeSchedule(PipelineStage(task, plan, rank), dist.group.WORLD, torch.float32, torch.device("cpu"))
+    plan = plan_stages(task.backbone.args, world, virtual, head_rows=task.reads_lm_head)
+    keep_stage(task, plan.chunks_of(rank))
+    schedule = PipelineSchedule(PipelineStage(task, plan, rank), kind, dist.group.WORLD, torch.float32,
+                                torch.device("cpu"))
     batch = batch_for(case)
     if case["task"] == "embedding":
         towers = [seqs.chunks(case["chunk"]) for seqs in task.towers(batch)]
@@ -99,14 +100,18 @@ CASES = {
 }
 
 
-JOBS = [(name, 2) for name in CASES] + [("embedding-lora-mean", 4), ("reranker-yes-no", 4)]
+# (case, pp, schedule, virtual stages per rank); 4 layers: pp 2 x 2 virtual is a layer per chunk.
+JOBS = ([(name, 2, "1f1b", 1) for name in CASES] + [(name, 2, "interleaved", 2) for name in CASES]
+        + [("embedding-lora-mean", 2, "gpipe", 1), ("reranker-linear-full", 2, "gpipe", 1),
+           ("embedding-lora-mean", 4, "1f1b", 1), ("reranker-yes-no", 4, "1f1b", 1)])
 
 
-@pytest.mark.parametrize("name, pp", JOBS, ids=[f"{name}-pp{pp}" for name, pp in JOBS])
-def test_pipeline_gives_the_single_process_loss_and_gradients(name, pp):
+@pytest.mark.parametrize("name, pp, kind, virtual", JOBS,
+                         ids=[f"{name}-pp{pp}-{kind}" + (f"{v}" if v > 1 else "") for name, pp, kind, v in JOBS])
+def test_pipeline_gives_the_single_process_loss_and_gradients(name, pp, kind, virtual):
     case = CASES[name]
     ref = reference(case)
-    ranks = spawn_ranks(_stage_worker, pp, case, timeout_s=90)
+    ranks = spawn_ranks(_stage_worker, pp, case, kind, virtual, timeout_s=90)
     # Chunks sum a parameter's gradient in another order than one graph: float32 noise, held to 1e-5
     # of the tensor's norm (or of the median tensor's, for tensors far smaller than the rest), as the
     # parity tests of the other layouts are (tests/parallel/test_parity.py).
@@ -146,4 +151,4 @@ def test_a_tied_yes_no_head_off_the_embedding_stage_is_refused():
     task = build(case)
     plan = plan_stages(task.backbone.args, 2, head_rows=True)
     with pytest.raises(StageLayoutError, match="tied LM head"):
-        keep_stage(task, plan.chunks_of(1)[0])
+        keep_stage(task, plan.chunks_of(1))

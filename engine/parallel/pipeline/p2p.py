@@ -1,45 +1,48 @@
-"""Point-to-point between adjacent pipeline stages, for tensors whose shape changes every micro-batch.
+"""Point-to-point between pipeline stages: one tick's sends and receives posted together.
+
+    works = post(sends=[(activation, next_rank)], receives=[(buffer, prev_rank)], group=pp_group)
 
 A packed varlen stream changes length with every micro-batch (and under context parallelism with
-every rank's shard), so a stage cannot size its receive buffer once from the first micro-batch:
+every rank's shard), so buffers cannot be sized once from the first micro-batch:
 torch.distributed.pipelining's PipelineStage does, and a later shape aborts gloo with "Received data
-size doesn't match expected size" (measured here, torch 2.13). Each transfer is therefore a
-fixed-size header, the shape, then the payload; both sides know the dtype (the run's compute dtype).
+size doesn't match expected size" (measured here, torch 2.13). Here the receiver sizes each buffer
+from the micro-batch itself (every stage lays out the same stream: PipelineStage.hidden_shape), so
+no shape travels and nothing waits on the host for one.
 
-    send_to(activation, peer=stage + 1, group=pp_group)      # forward: activations downstream
-    grad = recv_from(peer=stage + 1, group=pp_group, dtype=..., device=...)   # backward: gradients upstream
-
-Ranks are positions in `group` (the pp group: rank i holds stage i). Blocking on purpose: the
-schedules (engine/train/) order sends and receives so that every send meets its receive.
+One call is one tick of a schedule (engine/train/pipeline_timeline.py): every send and receive of
+the tick in one batch_isend_irecv, which is what keeps 1F1B from deadlocking where two neighbours
+each send before they receive (NCCL's sends wait for the matching receive; Megatron batches them
+the same way). The calls return at once; a receive is waited for when its tensor is needed, a send
+before its tensor could change (engine/train/pipeline.py). Ranks are positions in `group` (the pp
+group: rank i holds stage i).
 """
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+
 import torch.distributed as dist
 from torch import Tensor
 
-MAX_DIMS = 4  # activations are (tokens, hidden); gradients of pooled rows (rows, hidden)
 
-
-def send_to(tensor: Tensor, peer: int, group: dist.ProcessGroup) -> None:
-    if tensor.dim() > MAX_DIMS:
-        raise ValueError(f"pipeline transfers carry at most {MAX_DIMS} dimensions, got shape {tuple(tensor.shape)}")
-    header = torch.full((1 + MAX_DIMS,), -1, dtype=torch.int64, device=tensor.device)
-    header[0] = tensor.dim()
-    header[1 : 1 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    dist.send(header, group=group, group_dst=peer)
-    if tensor.numel():
-        dist.send(tensor.contiguous(), group=group, group_dst=peer)
-
-
-def recv_from(peer: int, group: dist.ProcessGroup, dtype: torch.dtype, device: torch.device) -> Tensor:
-    header = torch.empty(1 + MAX_DIMS, dtype=torch.int64, device=device)
-    dist.recv(header, group=group, group_src=peer)
-    shape = tuple(int(n) for n in header[1 : 1 + int(header[0])])
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    if tensor.numel():
-        dist.recv(tensor, group=group, group_src=peer)
-    return tensor
+def post(sends: Sequence[tuple[Tensor, int]], receives: Sequence[tuple[Tensor, int]],
+         group: dist.ProcessGroup | None) -> list:
+    """Start sending each (tensor, peer) and receiving into each (buffer, peer), all at once. At most
+    one message per (sender, receiver) pair per call; empty tensors are not sent (both ends know their
+    shape). Returns, per send then per receive, the works to wait for before its tensor is used
+    ([] for an empty tensor): its own on gloo, the tick's coalesced ones on NCCL."""
+    ops, index = [], []
+    for position, (tensor, peer) in enumerate(list(sends) + list(receives)):
+        if tensor.numel():
+            op = dist.isend if position < len(sends) else dist.irecv
+            ops.append(dist.P2POp(op, tensor, group=group, group_peer=peer))
+            index.append(position)
+    waits: list[list] = [[] for _ in range(len(sends) + len(receives))]
+    if ops:
+        works = dist.batch_isend_irecv(ops)
+        per_op = [[work] for work in works] if len(works) == len(ops) else [works] * len(ops)
+        for position, op_works in zip(index, per_op):
+            waits[position] = op_works
+    return waits
 
 
 def gather_to_first_stage(tensors: dict[str, Tensor], group: dist.ProcessGroup) -> dict[str, Tensor]:

@@ -6,7 +6,7 @@ decoder layers become NotOnThisStage placeholders, so the held ones keep their g
 see the single-process names; the embedding stays on the first stage only, the final norm and the
 head on the last (the LM head only where the task reads it: a reranker's yes/no rows).
 
-PipelineStage.forward(seqs, received) is what a schedule (engine/train/pipeline.py) calls per
+PipelineStage.forward(chunk, seqs, received) is what a schedule (engine/train/pipeline.py) calls per
 micro-batch: the task's encode_stage (engine/tasks/base.py), where every stage lays out the same
 packed stream from the batch (cheap index arithmetic), so only hidden states travel between
 stages; the first stage embeds, each runs its layers, and the last finishes (final norm, pooling)
@@ -35,15 +35,17 @@ class NotOnThisStage(nn.Module):
         raise RuntimeError(f"decoder layer {self.index} is held by another pipeline stage")
 
 
-def plan_for(task: nn.Module, pp: int) -> StagePlan:
+def plan_for(task: nn.Module, pp: int, virtual: int = 1) -> StagePlan:
     """The stage rule for this task's backbone (the LM head counted on the last stage when read)."""
-    return plan_stages(task.backbone.args, pp, head_rows=task.reads_lm_head)
+    return plan_stages(task.backbone.args, pp, virtual, head_rows=task.reads_lm_head)
 
 
-def keep_stage(task: nn.Module, chunk: Chunk) -> None:
-    """Keep only what `chunk` holds of task.backbone (in place)."""
+def keep_stage(task: nn.Module, chunks: list[Chunk]) -> None:
+    """Keep only what this rank's `chunks` (its virtual stages) hold of task.backbone (in place)."""
     backbone, reads_lm_head = task.backbone, task.reads_lm_head
-    if backbone.args.tie_word_embeddings and reads_lm_head and chunk.head and not chunk.embedding:
+    held = {layer for chunk in chunks for layer in chunk.layers}
+    embedding, head = any(c.embedding for c in chunks), any(c.head for c in chunks)
+    if backbone.args.tie_word_embeddings and reads_lm_head and head and not embedding:
         # The last stage would hold a second copy of the embedding whose gradient must be summed with
         # the first stage's every step (Megatron's embedding group); not built yet.
         raise StageLayoutError(
@@ -52,15 +54,15 @@ def keep_stage(task: nn.Module, chunk: Chunk) -> None:
         )
     layers = backbone.model.layers
     for index in range(len(layers)):
-        if index not in chunk.layers:
+        if index not in held:
             layers[index] = NotOnThisStage(index)
-    if not chunk.embedding:
+    if not embedding:
         backbone.model.embed_tokens = None
-    if not chunk.head:
+    if not head:
         backbone.model.norm = None
-    if not (chunk.head and reads_lm_head):
+    if not (head and reads_lm_head):
         backbone.lm_head = None
-    if not chunk.head:  # the task's own modules (a reranker's linear score) are its head: the last stage's
+    if not head:  # the task's own modules (a reranker's linear score) are its head: the last stage's
         for name, _ in list(task.named_children()):
             if name != "backbone":
                 setattr(task, name, None)
@@ -68,25 +70,35 @@ def keep_stage(task: nn.Module, chunk: Chunk) -> None:
 
 
 class PipelineStage:
-    """This rank's chunk of a task, run one micro-batch at a time by a pipeline schedule."""
+    """This rank's chunks (virtual stages) of a task, run one micro-batch at a time by a pipeline
+    schedule."""
 
     def __init__(self, task: nn.Module, plan: StagePlan, pp_rank: int):
-        chunks = plan.chunks_of(pp_rank)
-        if len(chunks) != 1:
-            raise StageLayoutError(f"pp rank {pp_rank} holds {len(chunks)} virtual stages: one per rank is "
-                                   "supported so far")
-        self.task, self.chunk, self.rank, self.size = task, chunks[0], pp_rank, plan.pp
-        self.layers = [task.backbone.model.layers[i] for i in self.chunk.layers]
+        self.task, self.rank, self.size, self.virtual = task, pp_rank, plan.pp, plan.virtual
+        self.chunks = {c.index: c for c in plan.chunks_of(pp_rank)}
+        layers = task.backbone.model.layers
+        self.layers = {c.index: [layers[i] for i in c.layers] for c in self.chunks.values()}
+
+    def chunk(self, index: int) -> Chunk:
+        return self.chunks[index]
 
     @property
     def is_first(self) -> bool:
-        return self.chunk.embedding
+        """Holds the first chunk (the embedding)."""
+        return any(c.embedding for c in self.chunks.values())
 
     @property
     def is_last(self) -> bool:
-        return self.chunk.head
+        """Holds the last chunk (the head): the rows come out here."""
+        return any(c.head for c in self.chunks.values())
 
-    def forward(self, seqs: PackedSequences, received: Tensor | None) -> Tensor:
-        """received: the previous stage's hidden states (None on the first stage). Returns this stage's
-        hidden states, or on the last stage the task's rows (one per sequence)."""
-        return self.task.encode_stage(seqs, received, self.layers, self.is_first, self.is_last)
+    def hidden_shape(self, seqs: PackedSequences) -> tuple[int, ...]:
+        """The shape of the hidden states between chunks for this micro-batch: what p2p buffers are
+        sized by, the same on every stage since every stage lays out the same stream."""
+        return self.task.hidden_shape(seqs)
+
+    def forward(self, index: int, seqs: PackedSequences, received: Tensor | None) -> Tensor:
+        """Chunk `index` on one micro-batch. received: the previous chunk's hidden states (None on the
+        first). Returns the chunk's hidden states, or on the last chunk the task's rows (one per sequence)."""
+        chunk = self.chunks[index]
+        return self.task.encode_stage(seqs, received, self.layers[index], chunk.embedding, chunk.head)
