@@ -82,6 +82,13 @@ def test_every_real_size_experiment_validates():
         if exp.endswith("70b"):  # pp 2: each stage's layers and memory, by the stage rule
             assert "  stage 0: embedding + layers 0-" in result.stdout, result.stdout
             assert re.search(r"  stage 1: layers \d+-79 \+ head: weights .* GiB per rank", result.stdout), result.stdout
+            assert re.search(r"^pipeline: 1f1b schedule, \d+ micro-batches per pass, bubble", result.stdout, re.M)
+    # The interleaved schedule plans two chunks per stage.
+    result = run_entry("train.py", "+exp=embedding_70b", "train.dry_run=true", "parallel.pp_schedule=interleaved",
+                       "parallel.pp_virtual=2")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"  stage 0: embedding \+ layers 0-\d+; layers \d+-\d+: weights", result.stdout), result.stdout
+    assert "pipeline: interleaved schedule, 2 virtual stages per rank" in result.stdout, result.stdout
 
 
 def test_train_export_evaluate_through_the_command_line(tmp_path):

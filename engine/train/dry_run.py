@@ -13,7 +13,8 @@ from engine.parallel.layout import (
     layout_from_config,
 )
 from engine.build import model_args
-from engine.train.memory import plan_memory
+from engine.train.memory import micro_batches_per_pass, plan_memory
+from engine.train.pipeline_timeline import bubble_fraction
 
 
 def dry_run(cfg) -> dict:
@@ -36,7 +37,19 @@ def dry_run(cfg) -> dict:
           f"x ulysses {layout.ulysses} x tp {layout.tp}; sequence length {seq_len}")
     for line in plan.lines():
         print(line)
+    if layout.pp > 1:
+        print(pipeline_line(cfg, layout))
     print(f"kernels: attention {cfg.kernels.attention}, infonce {cfg.kernels.infonce} "
           "(auto: flash-attn or Triton on CUDA, PyTorch on CPU; checked against the device at launch)")
     print(f"config is valid; nothing was allocated ({time.perf_counter() - start:.1f}s)")
     return {"total_params": total, "memory_per_rank_bytes": plan.total, "layout": layout}
+
+
+def pipeline_line(cfg, layout) -> str:
+    """The schedule, the micro-batches one pass streams and the bubble its timeline counts."""
+    m = micro_batches_per_pass(cfg, layout)
+    kind = cfg.parallel.pp_schedule
+    chunks = f", {layout.virtual} virtual stages per rank" if layout.virtual > 1 else ""
+    bubble = bubble_fraction(kind, layout.pp, layout.virtual, m)
+    return (f"pipeline: {kind} schedule{chunks}, {m} micro-batches per pass, bubble {bubble:.1%} of the pass "
+            f"(timeline, backward = 2 forwards; (p-1)/(v m+p-1) = {(layout.pp - 1) / (layout.virtual * m + layout.pp - 1):.1%})")

@@ -145,8 +145,8 @@ EXTRA_TASKS = {
     "layers4": ("embedding-lora", "embedding-full-qwen3", "reranker-lora-qwen2-linear", "reranker-full-untied"),
 }
 EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2", "pp2"), "gradcache": ("dp2", "dp2xtp2", "ulysses2", "pp2", "pp2xdp2"),
-                 "path": ("tp2-sp", "dp2xtp2", "tp2xulysses2", "pp2xtp2"), "recompute-full": ("ring2", "ring2xulysses2"),
-                 "recompute-selective": ("ring2",),
+                 "path": ("tp2-sp", "dp2xtp2", "tp2xulysses2", "pp2xtp2"),
+                 "recompute-full": ("ring2", "ring2xulysses2", "pp2"), "recompute-selective": ("ring2", "pp2"),
                  "layers4": ("pp4", "pp4xdp2", "pp2v2", "pp2v2xtp2xdp2")}
 EXTRA_LAYOUT_TASKS = {("layers4", "pp4"): ("embedding-lora", "reranker-full-untied"),
                       ("path", "pp2xtp2"): ("embedding-lora",),
