@@ -135,6 +135,9 @@ class TrainConfig:
     # | full (each block, keeping only its input). Never changes results.
     recompute: str = "none"
     device: str = "auto"  # auto | cpu | cuda
+    # Seconds a collective may wait for a rank before every waiting rank fails with one line naming
+    # the ranks elsewhere (engine/parallel/progress.py); torch's own default is 30 min (NCCL 10).
+    collective_timeout: int = 600
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
 
@@ -242,6 +245,7 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
         _validate_architecture(m)
     if cfg.export.output_dir and t.type == "embedding":
         check_prefix_templates(t)
+    _positive("train.collective_timeout", tr.collective_timeout)
     for key in ("tp", "pp", "pp_virtual", "ulysses", "ring"):
         _positive(f"parallel.{key}", getattr(p, key))
     _check_pipeline_schedule(p)

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
 
     layout = layout_from_config(cfg.parallel, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_trainable_layout(cfg, layout, model_args(cfg.model))
-    mesh = init_mesh(layout, resolve_device(cfg.train.device))
+    mesh = init_mesh(layout, resolve_device(cfg.train.device), cfg.train.collective_timeout)
     finished = False
     try:
         code = _train(cfg, config_yaml, mesh)
@@ -47,11 +47,18 @@ def main(argv: list[str]) -> int:
 def _train(cfg, config_yaml: str, mesh) -> int:
     from engine.train.trainer import Trainer, TrainingAborted
 
+    from engine.parallel.progress import is_collective_failure
+
     trainer = Trainer(cfg, config_yaml, mesh)
     try:
         results = trainer.train()
     except TrainingAborted as err:
         print(f"{rank_prefix()}training aborted: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a peer that died or stopped joining: one line, not a backend traceback
+        if not is_collective_failure(err):
+            raise
+        print(f"{rank_prefix()}{trainer.progress.explain(err)}", file=sys.stderr, flush=True)
         return 1
     summary = {"run_dir": cfg.train.output_dir, "steps": trainer.step}
     for when in ("zero_shot", "final"):

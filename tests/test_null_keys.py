@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from engine.cli import compose
 from engine.config import ConfigError, RunConfig, validate
-from tests.conftest import REPO, run_entry, synthetic_examples, write_jsonl
+from tests.conftest import run_entry, synthetic_examples, write_jsonl
 
 TINY_STEPS = ["+exp=tiny", "train.max_steps=1", "eval.max_queries=4"]
 OPTIONAL_KEYS = ("model.path", "model.tokenizer", "model.rope_scaling", "data.eval", "train.resume",
@@ -25,34 +23,6 @@ OPTIONAL_KEYS = ("model.path", "model.tokenizer", "model.rope_scaling", "data.ev
 def summary_of(result) -> dict:
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-class InProcess:
-    """launch/train.py run in this process (its __main__, as `python launch/train.py ARGS` runs it):
-    the same entry point without a new interpreter's imports; stdout/stderr and the exit code as
-    subprocess.run reports them."""
-
-    def __init__(self, capsys, monkeypatch):
-        self.capsys, self.monkeypatch = capsys, monkeypatch
-
-    def __call__(self, *args: str) -> subprocess.CompletedProcess:
-        import runpy
-
-        script = os.path.join(REPO, "launch", "train.py")
-        self.monkeypatch.setattr(sys, "argv", [script, *args])
-        self.capsys.readouterr()
-        try:
-            runpy.run_path(script, run_name="__main__")
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        out = self.capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-
-@pytest.fixture
-def train_here(capsys, monkeypatch):
-    return InProcess(capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("key", OPTIONAL_KEYS)

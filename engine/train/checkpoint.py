@@ -28,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from engine.train.faults import fault_point
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
 
@@ -66,6 +68,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: di
     # No RNG state: dropout is reseeded from (seed, step, dp rank) every step (Trainer.train_step).
     with _single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    fault_point("checkpoint", step)  # the recovery tests' SIGKILL mid-write (engine/train/faults.py)
     _barrier(mesh)
     if lead:
         with open(os.path.join(tmp, "config.yaml"), "w") as f:

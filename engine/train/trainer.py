@@ -47,6 +47,8 @@ from engine.kernels.select import select_kernels
 from engine.train.evaluate import evaluate_task
 from engine.train.logger import MetricsLogger
 from engine.train.optim import build_optimizer, build_scheduler
+from engine.parallel.progress import Progress
+from engine.train.faults import fault_point
 from engine.train.pipeline import PipelineSchedule
 from engine.train.schedule import select_forward_backward
 
@@ -57,6 +59,21 @@ class TrainingAborted(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[ember] {message}", flush=True)
+
+
+def launch_lines() -> list[str]:
+    """Under torchrun: the rendezvous the ranks met at, and a restart (docs/cluster.md)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return []
+    lines = [f"launch: {env.get('WORLD_SIZE')} processes on {env.get('GROUP_WORLD_SIZE', '1')} node(s), "
+             f"{env.get('LOCAL_WORLD_SIZE', '?')} per node, met at {env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')} "
+             f"(torchrun run {env['TORCHELASTIC_RUN_ID']})"]
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart:
+        lines.append(f"restart {restart} of at most {env.get('TORCHELASTIC_MAX_RESTARTS', '?')}: torchrun restarted "
+                     "every rank after a failure; resuming as train.resume says")
+    return lines
 
 
 def _quiet(message: str) -> None:
@@ -79,6 +96,7 @@ class Trainer:
         self.config_yaml = config_yaml
         self.mesh = mesh or ParallelMesh()
         self.log = log if self.mesh.is_logging_rank else _quiet
+        self.progress = Progress.connect(self.mesh.rank, self.mesh.layout.world_size, cfg.train.collective_timeout)
         self.run_dir = cfg.train.output_dir
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads:
@@ -111,6 +129,8 @@ class Trainer:
             f"layout {self.mesh.describe()}"
             + (f", sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}" if self.mesh.tp > 1 else ""))
         self.log(f"kernels: attention {self.kernels['attention']}, infonce {self.kernels['infonce']}")
+        for line in launch_lines():
+            self.log(line)
 
         # How a step's micro-batches become gradients: chosen here, once (engine/train/schedule.py).
         self.pipeline = self._pipeline_schedule() if self.mesh.pp > 1 else None
@@ -173,6 +193,7 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> str:
+        self.progress.mark(self.step, "checkpoint write")
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(), self.config_yaml, self.mesh
         )
@@ -249,11 +270,15 @@ class Trainer:
             for part in range(cfg.grad_accum)
         ]
         tokens = sum(batch.num_tokens for batch in micro_batches)
+        self.progress.mark(self.step + 1, "forward/backward")
         loss = self.forward_backward(self.model, micro_batches)
+        fault_point("step", self.step + 1)  # the recovery tests' SIGKILL mid-step (engine/train/faults.py)
         # Every dp rank averaged over its own queries; their mean is the global batch's loss.
+        self.progress.mark(self.step + 1, "loss all-reduce over dp")
         loss, tokens = reduce_mean(loss, self.mesh), reduce_sum(tokens, self.mesh)
         lr = self.optimizer.param_groups[0]["lr"]
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else math.inf
+        self.progress.mark(self.step + 1, "gradient norm all-reduce")
         grad_norm = clip_grad_norm(self.params, max_norm, self.mesh)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
@@ -285,6 +310,7 @@ class Trainer:
         if not self.eval_examples:
             return {}
         start = time.perf_counter()
+        self.progress.mark(self.step, "evaluation")
         metrics = evaluate_task(
             self.model, self.text_encoder, self.eval_examples, self.cfg, self.device,
             self.autocast_dtype, save_run=save_run if self.mesh.is_logging_rank else None,

@@ -1,0 +1,101 @@
+"""Where each rank is, so that a collective that times out ends in one line naming who is missing.
+
+A collective that one rank never joins fails, after train.collective_timeout, on every other rank
+with the backend's message (gloo: "Timed out waiting 60000ms for recv operation to complete";
+NCCL's watchdog: a sequence number): neither says which rank is missing nor what the job was
+doing. Each rank therefore writes a mark, "step S: phase", into the rendezvous' key-value store at
+each phase of the training loop (the forward/backward, the loss reduction, clipping, the
+optimizer, a checkpoint, evaluation), and a rank whose collective failed reads every rank's mark:
+
+    [rank 0] collective timed out at step 3 (loss all-reduce over dp) after train.collective_timeout=10 s:
+    rank 1 is at step 3: forward/backward (the others are at step 3: loss all-reduce over dp) ...
+
+The store is torchrun's (MASTER_ADDR:MASTER_PORT), keys under the run id and restart attempt; a
+mark is one small write per phase, nothing next to a step's work.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+
+STORE_TIMEOUT_S = 5  # reading marks must not hang where the collective did
+
+# Messages the backends raise when a peer never joins or has gone (gloo, NCCL, the c10d store).
+_COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                        "NCCL", "Socket Timeout", "ProcessGroupGloo", "DistBackendError", "Broken pipe")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _COLLECTIVE_FAILURES)
+
+
+class Progress:
+    """This rank's marks, and the reading of everyone's when a collective failed."""
+
+    def __init__(self, rank: int, world: int, timeout_s: float, store=None):
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.store = store
+        self.here = "startup"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.prefix = f"ember/progress/{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}/{attempt}/"
+
+    @classmethod
+    def connect(cls, rank: int, world: int, timeout_s: float) -> Progress:
+        """A client of the rendezvous store (None-backed when there is none: one process)."""
+        store = None
+        if world > 1 and "MASTER_ADDR" in os.environ:
+            try:
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False,
+                                      timeout=timedelta(seconds=STORE_TIMEOUT_S))
+            except (RuntimeError, ValueError):
+                store = None  # marks are a diagnosis: training goes on without them
+        return cls(rank, world, timeout_s, store)
+
+    def mark(self, step: int, phase: str) -> None:
+        self.here = f"step {step}: {phase}"
+        if self.store is not None:
+            try:
+                self.store.set(self.prefix + str(self.rank), self.here)
+            except RuntimeError:
+                self.store = None
+
+    def marks(self) -> dict[int, str]:
+        if self.store is None:
+            return {}
+        found = {}
+        for rank in range(self.world):
+            key = self.prefix + str(rank)
+            try:
+                if self.store.check([key]):
+                    found[rank] = self.store.get(key).decode()
+            except RuntimeError:
+                return found  # the store went with its host
+        return found
+
+    def explain(self, error: BaseException) -> str:
+        """One line: where this rank waited, for how long, and which ranks are elsewhere."""
+        line = (f"collective failed at {self.here} after at most train.collective_timeout={self.timeout_s:g} s "
+                f"({_first_line(error)})")
+        marks = self.marks()
+        if not marks:
+            return line + "; the other ranks' positions could not be read (the rendezvous store is gone)"
+        away = {rank: here for rank, here in marks.items() if here != self.here and rank != self.rank}
+        silent = [rank for rank in range(self.world) if rank not in marks]
+        parts = [f"rank {rank} is at {here}" for rank, here in sorted(away.items())]
+        parts += [f"rank {rank} never reported" for rank in silent]
+        if not parts:
+            return line + "; every rank reported the same phase (a rank died inside it, or the network failed)"
+        return line + "; " + ", ".join(parts) + f" (this rank, {self.rank}, is at {self.here})"
+
+
+def _first_line(error: BaseException) -> str:
+    """The backend's message without its source location ("[.../unbound_buffer.cc:78] Timed out ...")."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line[:200]
