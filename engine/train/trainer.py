@@ -254,6 +254,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg.train
+        self.progress.mark(self.step + 1, "batch assembly")  # a rank stuck here (data, tokenizer) is named
         indices = self.sampler.indices(self.step)
         examples = [self.train_examples[i] for i in indices]
         micro = len(examples) // cfg.grad_accum  # queries per micro-batch, over all dp ranks
