@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.data.batch import PackedSequences  # noqa: E402
 from engine.parallel.spawn import spawn_ranks  # noqa: E402
 from engine.train.pipeline import PipelineSchedule  # noqa: E402
-from engine.train.pipeline_timeline import bubble_fraction, peak_layers_in_flight  # noqa: E402
+from engine.train.pipeline_timeline import bubble_formula, bubble_fraction, peak_layers_in_flight  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)]
 
@@ -121,7 +121,7 @@ def bench_bubble(args) -> list[dict]:
         kind, virtual, m = row["schedule"], row["virtual"], row["m"]
         measured = 1 - m * 3 * args.work_ms / 1000 / wall
         counted = bubble_fraction(kind, args.pp, virtual, m)
-        formula = (args.pp - 1) / (virtual * m + args.pp - 1)
+        formula = bubble_formula(args.pp, virtual, m)
         name = kind + (f" v{virtual}" if virtual > 1 else "")
         print(f"{name:<14}{m:>4}{measured:>10.3f}{counted:>10.3f}{formula:>10.3f}{wall * 1000:>10.0f}")
         results.append({"schedule": kind, "virtual": virtual, "m": m, "measured": measured, "timeline": counted,

@@ -248,7 +248,7 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     _positive("train.collective_timeout", tr.collective_timeout)
     for key in ("tp", "pp", "pp_virtual", "ulysses", "ring"):
         _positive(f"parallel.{key}", getattr(p, key))
-    _check_pipeline_schedule(p)
+    check_pipeline_schedule(p.pp_schedule, p.pp_virtual)
     if not tr.dry_run:
         if need_train_data:
             if not d.train:
@@ -264,13 +264,13 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")  # engine/train/pipeline_timeline.py runs them
 
 
-def _check_pipeline_schedule(p: ParallelConfig) -> None:
-    if p.pp_schedule not in PIPELINE_SCHEDULES:
-        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule!r}: choose one of {', '.join(PIPELINE_SCHEDULES)}")
-    if p.pp_virtual > 1 and p.pp_schedule != "interleaved":
-        raise ConfigError(f"parallel.pp_virtual={p.pp_virtual} needs parallel.pp_schedule=interleaved "
-                          f"(got {p.pp_schedule})")
-    if p.pp_schedule == "interleaved" and p.pp_virtual < 2:
+def check_pipeline_schedule(schedule: str, virtual: int) -> None:
+    """The schedule rule, written once: validate() and the timeline (engine/train/pipeline_timeline.py) apply it."""
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule={schedule!r}: choose one of {', '.join(PIPELINE_SCHEDULES)}")
+    if virtual > 1 and schedule != "interleaved":
+        raise ConfigError(f"parallel.pp_virtual={virtual} needs parallel.pp_schedule=interleaved (got {schedule})")
+    if schedule == "interleaved" and virtual < 2:
         raise ConfigError("parallel.pp_schedule=interleaved needs parallel.pp_virtual >= 2 "
                           "(virtual stages per pp rank)")
 

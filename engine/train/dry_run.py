@@ -6,15 +6,10 @@ import time
 
 import torch
 
-from engine.parallel.layout import (
-    check_batch_fits_layout,
-    check_model_fits_layout,
-    check_pipeline_fits,
-    layout_from_config,
-)
+from engine.parallel.layout import check_trainable_layout, layout_from_config
 from engine.build import model_args
 from engine.train.memory import micro_batches_per_pass, plan_memory
-from engine.train.pipeline_timeline import bubble_fraction
+from engine.train.pipeline_timeline import bubble_formula, bubble_fraction
 
 
 def dry_run(cfg) -> dict:
@@ -24,10 +19,7 @@ def dry_run(cfg) -> dict:
     args = model_args(cfg.model)
     layout = layout_from_config(cfg.parallel)
     seq_len = cfg.data.max_len if cfg.task.type == "reranker" else cfg.data.doc_max_len
-    check_model_fits_layout(args, layout)
-    check_batch_fits_layout(cfg.train, layout)
-    if layout.pp > 1:
-        check_pipeline_fits(cfg, layout, args)
+    check_trainable_layout(cfg, layout, args)  # the rules a launch checks, so a plan that passes can launch
     with torch.device("meta"):
         model = Transformer(args)
     total = sum(p.numel() for p in model.parameters())
@@ -52,4 +44,4 @@ def pipeline_line(cfg, layout) -> str:
     chunks = f", {layout.virtual} virtual stages per rank" if layout.virtual > 1 else ""
     bubble = bubble_fraction(kind, layout.pp, layout.virtual, m)
     return (f"pipeline: {kind} schedule{chunks}, {m} micro-batches per pass, bubble {bubble:.1%} of the pass "
-            f"(timeline, backward = 2 forwards; (p-1)/(v m+p-1) = {(layout.pp - 1) / (layout.virtual * m + layout.pp - 1):.1%})")
+            f"(timeline, backward = 2 forwards; (p-1)/(v m+p-1) = {bubble_formula(layout.pp, layout.virtual, m):.1%})")

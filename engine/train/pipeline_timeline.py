@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from engine.config import PIPELINE_SCHEDULES as SCHEDULES
+from engine.config import check_pipeline_schedule
 
 
 class ScheduleError(ValueError):
@@ -65,10 +65,7 @@ class Tick:
 def rank_orders(schedule: str, pp: int, virtual: int, micro_batches: int, forward_only: bool = False
                 ) -> list[list[Action]]:
     """Each pp rank's actions in the order it runs them."""
-    if schedule not in SCHEDULES:
-        raise ScheduleError(f"parallel.pp_schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    if schedule != "interleaved" and virtual != 1:
-        raise ScheduleError(f"parallel.pp_virtual={virtual} needs parallel.pp_schedule=interleaved")
+    check_pipeline_schedule(schedule, virtual)
     if micro_batches < 1:
         raise ScheduleError("a pipeline step needs at least one micro-batch")
     if schedule == "interleaved":
@@ -166,9 +163,14 @@ def _output_transfer(action: Action, pp: int, chunks: int) -> Transfer | None:
     return None
 
 
+def bubble_formula(pp: int, virtual: int, micro_batches: int) -> float:
+    """Megatron's bubble: (p-1) / (v m + p-1) of a pass."""
+    return (pp - 1) / (virtual * micro_batches + pp - 1)
+
+
 def bubble_fraction(schedule: str, pp: int, virtual: int, micro_batches: int) -> float:
     """Idle share of the ticks, backward counted as twice a forward (Megatron's assumption): the
-    timeline's own count, to set beside the formula (p-1)/(v m + p-1) and the measured one."""
+    timeline's own count, to set beside bubble_formula and the measured one."""
     lines = timeline(schedule, pp, virtual, micro_batches)
     busy = sum(1 if t.action.kind == "F" else 2 for t in lines[0] if t.action is not None)
     # Weighted: replay the ticks with the weights, each rank as long as its actions and waits make it.

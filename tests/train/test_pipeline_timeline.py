@@ -10,6 +10,7 @@ import pytest
 from engine.model.args import ModelArgs
 from engine.parallel.pipeline.stages import plan_stages
 from engine.train import pipeline_timeline as pt
+from engine.config import ConfigError
 from engine.train.pipeline_timeline import Action, ScheduleError, bubble_fraction, peak_layers_in_flight, timeline
 
 CASES = [(kind, pp, 1, m) for kind in ("gpipe", "1f1b") for pp in (2, 3, 4) for m in (1, 2, 3, 5, 8)]
@@ -76,7 +77,7 @@ def test_an_order_that_waits_on_itself_is_refused(monkeypatch):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ScheduleError, match="parallel.pp_schedule='zb'"):
+    with pytest.raises(ConfigError, match="parallel.pp_schedule='zb'"):
         timeline("zb", 2, 1, 4)
-    with pytest.raises(ScheduleError, match="pp_virtual=2 needs parallel.pp_schedule=interleaved"):
+    with pytest.raises(ConfigError, match="pp_virtual=2 needs parallel.pp_schedule=interleaved"):
         timeline("1f1b", 2, 2, 4)
