@@ -10,17 +10,23 @@ optimizer, a checkpoint, evaluation), and a rank whose collective failed reads e
     [rank 0] collective timed out at step 3 (loss all-reduce over dp) after train.collective_timeout=10 s:
     rank 1 is at step 3: forward/backward (the others are at step 3: loss all-reduce over dp) ...
 
-The store is torchrun's (MASTER_ADDR:MASTER_PORT), keys under the run id and restart attempt; a
-mark is one small write per phase, nothing next to a step's work.
+The store is torchrun's (MASTER_ADDR:MASTER_PORT), keys under the run id and restart attempt.
+mark() only records the phase (it runs several times per step on every rank: a store write each
+would put thousands of small requests per step on one server at 128 ranks); a background thread
+publishes the latest mark when it changed, every PUBLISH_EVERY_S, so what others read is at most
+that old, far below any collective timeout.
 """
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from datetime import timedelta
 
 import torch.distributed as dist
 
 STORE_TIMEOUT_S = 5  # reading marks must not hang where the collective did
+PUBLISH_EVERY_S = 1.0
 
 # Messages the backends raise when a peer never joins or has gone (gloo, NCCL, the c10d store).
 _COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
@@ -42,6 +48,12 @@ class Progress:
         self.here = "startup"
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.prefix = f"ember/progress/{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}/{attempt}/"
+        self._published: str | None = None
+        self._stop = threading.Event()
+        if store is not None:
+            # The thread holds only a weak reference: it ends with this object (or at stop()).
+            threading.Thread(target=_publish_while_alive, args=(weakref.ref(self), self._stop),
+                             name="ember-progress", daemon=True).start()
 
     @classmethod
     def connect(cls, rank: int, world: int, timeout_s: float) -> Progress:
@@ -56,12 +68,20 @@ class Progress:
         return cls(rank, world, timeout_s, store)
 
     def mark(self, step: int, phase: str) -> None:
-        self.here = f"step {step}: {phase}"
-        if self.store is not None:
-            try:
-                self.store.set(self.prefix + str(self.rank), self.here)
-            except RuntimeError:
-                self.store = None
+        self.here = f"step {step}: {phase}"  # published by the thread: no request on the training path
+
+    def publish(self) -> None:
+        here = self.here
+        if self.store is None or here == self._published:
+            return
+        try:
+            self.store.set(self.prefix + str(self.rank), here)
+            self._published = here
+        except RuntimeError:
+            self.store = None  # the store went with its host: marks are a diagnosis, training goes on
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def marks(self) -> dict[int, str]:
         if self.store is None:
@@ -78,6 +98,7 @@ class Progress:
 
     def explain(self, error: BaseException) -> str:
         """One line: where this rank waited, for how long, and which ranks are elsewhere."""
+        self.stop()  # the main thread reads the store now
         line = (f"collective failed at {self.here} after at most train.collective_timeout={self.timeout_s:g} s "
                 f"({_first_line(error)})")
         marks = self.marks()
@@ -90,6 +111,15 @@ class Progress:
         if not parts:
             return line + "; every rank reported the same phase (a rank died inside it, or the network failed)"
         return line + "; " + ", ".join(parts) + f" (this rank, {self.rank}, is at {self.here})"
+
+
+def _publish_while_alive(ref: weakref.ref, stop: threading.Event) -> None:
+    while not stop.wait(PUBLISH_EVERY_S):
+        progress = ref()
+        if progress is None:
+            return
+        progress.publish()
+        del progress
 
 
 def _first_line(error: BaseException) -> str:
