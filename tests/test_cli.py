@@ -56,6 +56,7 @@ def test_config_errors_are_one_line(tmp_path, train_here):
         (["task.distill_temperature=0"], "task.distill_temperature"),
         (["train.device=cuda"], "train.device=cuda"),
         (["train.recompute=blocks"], "train.recompute"),
+        (["train.collective_timeout=0"], "train.collective_timeout"),
         (["task.query_template='Q: {query} (end)'", "export.output_dir=/tmp/x"], "task.query_template"),
         (["task.query_template=Q: {query}"], "task.query_template=Q: {query}"),
     ]

@@ -41,5 +41,6 @@ def fault_point(at: str, step: int) -> None:
           flush=True)
     if fault["kind"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+        return  # not reached: SIGKILL cannot be caught
     while True:  # hang: alive, joining nothing
         time.sleep(60)

@@ -99,3 +99,10 @@ def test_a_requeued_job_resumes_from_its_newest_checkpoint_with_the_same_losses(
     assert f"[ember] slurm job {job} (requeued 1 times)" in log, log
     assert "[ember] resumed from " in log and f"{run / 'checkpoints'}/step_0000000" in log, log
     assert_same_losses(losses(run), one_process_losses, rel=1e-4)
+
+
+def test_local_cluster_usage_mistakes_exit_2():
+    for args in ([], ["start"], ["restart", "/tmp/x"]):
+        result = subprocess.run([CLUSTER, *args], capture_output=True, text=True, timeout=30)
+        assert result.returncode != 0 and ("usage" in result.stderr), (args, result.returncode, result.stderr)
+    assert subprocess.run([CLUSTER, "frobnicate"], capture_output=True, timeout=30).returncode == 2

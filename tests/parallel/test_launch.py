@@ -251,6 +251,8 @@ INVALID = {
                           ["num_layers=2 is fewer than parallel.pp=2 x parallel.pp_virtual=2 pipeline chunks"]),
     "pp-schedule": ("2", ["parallel.pp=2", "parallel.pp_schedule=zero_bubble"],
                     ["parallel.pp_schedule='zero_bubble': choose one of gpipe, 1f1b, interleaved"]),
+    "pp-interleaved-one-chunk": ("2", ["parallel.pp=2", "parallel.pp_schedule=interleaved"],
+                                 ["parallel.pp_schedule=interleaved needs parallel.pp_virtual >= 2"]),
     "pp-virtual-schedule": ("2", ["parallel.pp=2", "parallel.pp_virtual=2"],
                             ["parallel.pp_virtual=2 needs parallel.pp_schedule=interleaved"]),
     "pp-tied-yes-no": ("2", ["parallel.pp=2", "task=reranker"],
