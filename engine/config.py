@@ -7,6 +7,7 @@ the keys. Code reads `cfg.train.lr`, never a dict. docs/config.md lists every ke
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -171,6 +172,21 @@ class ExportConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """What launch/plan.py plans for (engine/plan/); training never reads it."""
+
+    gpus: int = 0  # GPUs to lay out; 0 = parallel.world_size
+    gpus_per_node: int = 8  # groups within a node use intra_node_bandwidth, across nodes inter_node_bandwidth
+    gpu_memory: str = "80GB"  # per GPU; GB = 1e9 bytes, GiB = 2^30
+    reserved_memory: str = "4GiB"  # per GPU, kept for what the model leaves out (CUDA context, NCCL, fragmentation)
+    peak_tflops: float = 989.0  # dense bf16 TFLOP/s per GPU (H100 SXM)
+    mfu: float = 0.4  # the fraction of peak_tflops the step time assumes
+    intra_node_bandwidth: float = 450.0  # GB/s each GPU sends within a node (NVLink)
+    inter_node_bandwidth: float = 50.0  # GB/s each GPU sends across nodes (400 Gb/s InfiniBand)
+    top: int = 8  # fitting layouts to list besides the experiment's own
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
@@ -181,6 +197,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -249,6 +266,7 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     for key in ("tp", "pp", "pp_virtual", "ulysses", "ring"):
         _positive(f"parallel.{key}", getattr(p, key))
     check_pipeline_schedule(p.pp_schedule, p.pp_virtual)
+    validate_cluster(cfg.cluster)
     if not tr.dry_run:
         if need_train_data:
             if not d.train:
@@ -259,6 +277,29 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
             raise ConfigError(f"data.eval={d.eval}: no such file")
         if m.path and not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path={m.path}: no config.json there (a Hugging Face model folder is expected)")
+
+
+def validate_cluster(c: ClusterConfig) -> None:
+    _positive("cluster.gpus", c.gpus, allow_zero=True)
+    for key in ("gpus_per_node", "peak_tflops", "mfu", "intra_node_bandwidth", "inter_node_bandwidth", "top"):
+        _positive(f"cluster.{key}", getattr(c, key))
+    if c.mfu > 1:
+        raise ConfigError(f"cluster.mfu={c.mfu} is a fraction of peak_tflops: between 0 and 1")
+    parse_bytes("cluster.gpu_memory", c.gpu_memory)
+    parse_bytes("cluster.reserved_memory", c.reserved_memory)
+
+
+_BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(key: str, text: str) -> int:
+    """'80GB' -> 80e9, '4GiB' -> 4 * 2^30 (a bare number is bytes)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or (unit and unit not in _BYTE_UNITS):
+        raise ConfigError(f"{key}={text!r} is not a size: write e.g. 80GB, 141GB or 4GiB")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit or "B"])
 
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")  # engine/train/pipeline_timeline.py runs them

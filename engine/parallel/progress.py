@@ -14,12 +14,21 @@ The store is torchrun's (MASTER_ADDR:MASTER_PORT), keys under the run id and res
 mark() only records the phase (it runs several times per step on every rank: a store write each
 would put thousands of small requests per step on one server at 128 ranks); a background thread
 publishes the latest mark when it changed, every PUBLISH_EVERY_S, so what others read is at most
-that old, far below any collective timeout.
+that old, far below any collective timeout. The same thread also counts a heartbeat (one store
+add per second per rank), so a rank that died or froze whole is named even when its mark equals
+everyone's: the failing rank reads the heartbeats twice, STALE_AFTER_S apart, and a rank whose
+count did not move (and that did not itself give up on the collective) stopped responding:
+
+    ... ; rank 1 stopped responding at step 3: forward/backward (this rank, 0, is at step 3: forward/backward)
+
+A rank alive but stuck in the same phase as the others is not told apart (its heartbeat moves);
+for NCCL, its flight recorder (TORCH_NCCL_DUMP_ON_TIMEOUT=1) names the collective of every rank.
 """
 from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from datetime import timedelta
 
@@ -27,6 +36,8 @@ import torch.distributed as dist
 
 STORE_TIMEOUT_S = 5  # reading marks must not hang where the collective did
 PUBLISH_EVERY_S = 1.0
+STALE_AFTER_S = 3.5  # a heartbeat that did not move for this long: the rank stopped
+GAVE_UP = " (gave up on the collective)"  # what a rank that failed, and explained it, leaves as its mark
 
 # Messages the backends raise when a peer never joins or has gone (gloo, NCCL, the c10d store).
 _COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
@@ -49,6 +60,7 @@ class Progress:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.prefix = f"ember/progress/{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}/{attempt}/"
         self._published: str | None = None
+        self._lock = threading.Lock()  # publish() (the thread) and _give_up() (the main thread) write the mark
         self._stop = threading.Event()
         if store is not None:
             # The thread holds only a weak reference: it ends with this object (or at stop()).
@@ -71,12 +83,19 @@ class Progress:
         self.here = f"step {step}: {phase}"  # published by the thread: no request on the training path
 
     def publish(self) -> None:
+        """The latest mark if it changed, and one heartbeat."""
+        with self._lock:
+            self._publish_locked()
+
+    def _publish_locked(self) -> None:
         here = self.here
-        if self.store is None or here == self._published:
+        if self.store is None or self._stop.is_set():
             return
         try:
-            self.store.set(self.prefix + str(self.rank), here)
-            self._published = here
+            if here != self._published:
+                self.store.set(self.prefix + str(self.rank), here)
+                self._published = here
+            self.store.add(self.prefix + f"beat/{self.rank}", 1)
         except RuntimeError:
             self.store = None  # the store went with its host: marks are a diagnosis, training goes on
 
@@ -84,33 +103,61 @@ class Progress:
         self._stop.set()
 
     def marks(self) -> dict[int, str]:
+        return {rank: value.decode() for rank, value in self._read("").items()}
+
+    def heartbeats(self) -> dict[int, int]:
+        return {rank: int(value) for rank, value in self._read("beat/").items()}
+
+    def _read(self, kind: str) -> dict[int, bytes]:
         if self.store is None:
             return {}
         found = {}
         for rank in range(self.world):
-            key = self.prefix + str(rank)
+            key = self.prefix + kind + str(rank)
             try:
                 if self.store.check([key]):
-                    found[rank] = self.store.get(key).decode()
+                    found[rank] = self.store.get(key)
             except RuntimeError:
                 return found  # the store went with its host
         return found
 
     def explain(self, error: BaseException) -> str:
-        """One line: where this rank waited, for how long, and which ranks are elsewhere."""
-        self.stop()  # the main thread reads the store now
-        line = (f"collective failed at {self.here} after at most train.collective_timeout={self.timeout_s:g} s "
+        """One line: where this rank waited, for how long, and which ranks stopped or are elsewhere.
+        Takes STALE_AFTER_S (two readings of the heartbeats); this rank keeps beating meanwhile, so
+        others explaining at the same time do not take it for stopped."""
+        here = self.here
+        line = (f"collective failed at {here} after at most train.collective_timeout={self.timeout_s:g} s "
                 f"({_first_line(error)})")
-        marks = self.marks()
+        before = self.heartbeats()
+        if self.store is not None:
+            time.sleep(STALE_AFTER_S)
+        marks, after = self.marks(), self.heartbeats()
+        self._give_up()
         if not marks:
             return line + "; the other ranks' positions could not be read (the rendezvous store is gone)"
-        away = {rank: here for rank, here in marks.items() if here != self.here and rank != self.rank}
-        silent = [rank for rank in range(self.world) if rank not in marks]
-        parts = [f"rank {rank} is at {here}" for rank, here in sorted(away.items())]
-        parts += [f"rank {rank} never reported" for rank in silent]
+        others = [rank for rank in range(self.world) if rank != self.rank]
+        stopped = {rank: marks[rank] for rank in others
+                   if rank in marks and before.get(rank) == after.get(rank) and not marks[rank].endswith(GAVE_UP)}
+        away = {rank: mark for rank, mark in marks.items()
+                if rank in others and rank not in stopped and mark != here and not mark.endswith(GAVE_UP)}
+        parts = [f"rank {rank} stopped responding at {mark}" for rank, mark in sorted(stopped.items())]
+        parts += [f"rank {rank} is at {mark}" for rank, mark in sorted(away.items())]
+        parts += [f"rank {rank} never reported" for rank in others if rank not in marks]
         if not parts:
-            return line + "; every rank reported the same phase (a rank died inside it, or the network failed)"
-        return line + "; " + ", ".join(parts) + f" (this rank, {self.rank}, is at {self.here})"
+            return line + ("; no other rank stopped or is elsewhere (one is stuck inside the same phase, "
+                           "or the network failed)")
+        return line + "; " + ", ".join(parts) + f" (this rank, {self.rank}, is at {here})"
+
+    def _give_up(self) -> None:
+        """Leave a mark saying this rank failed on its own (others explaining must not blame it), then stop."""
+        with self._lock:
+            self.stop()
+            self.here += GAVE_UP
+            if self.store is not None:
+                try:
+                    self.store.set(self.prefix + str(self.rank), self.here)
+                except RuntimeError:
+                    pass
 
 
 def _publish_while_alive(ref: weakref.ref, stop: threading.Event) -> None:

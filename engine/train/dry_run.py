@@ -8,7 +8,7 @@ import torch
 
 from engine.parallel.layout import check_trainable_layout, layout_from_config
 from engine.build import model_args
-from engine.train.memory import micro_batches_per_pass, plan_memory
+from engine.plan.memory import micro_batches_per_pass, plan_memory
 from engine.train.pipeline_timeline import bubble_formula, bubble_fraction
 
 

@@ -13,7 +13,7 @@ the count follows the model). Every chunk holds at least one decoder layer.
     plan.layers_of(rank=1)     # range(20, 40)
     plan.chunks[0]             # Chunk(first=True, layers=range(0, 19), last=False, cost=...)
 
-The dry run's memory estimate (engine/train/memory.py) uses this same rule.
+The dry run's memory estimate (engine/plan/memory.py) uses this same rule.
 """
 from __future__ import annotations
 

@@ -1,0 +1,187 @@
+"""The memory model (engine/plan/memory.py) against measured peaks: CPU runs of a small Llama in
+several layouts, predicted vs measured peak memory per rank.
+
+    python bench/memory.py                     # every configuration (about 3 minutes on 2 cores)
+    python bench/memory.py --only tp2 pp2      # some of them
+    python bench/memory.py --markdown          # the table docs/performance.md carries
+
+Each configuration trains the real Trainer for 3 steps on gloo ranks (spawn_ranks): a reranker on
+a 4-layer Llama (hidden 256, SwiGLU 704, 8 heads, 4 KV heads), float32, documents long enough that
+every sequence fills data.max_len. Measured: each rank's peak resident memory during a step
+(VmHWM, reset before the step through /proc/self/clear_refs), less what the process held before
+the step other than the model's parameters (interpreter, libraries, data, tokenizer). glibc's
+mmap threshold is fixed at 64 KiB so that freed tensors go back to the system (by default it
+grows to 32 MiB and freed tensors stay mapped). The peak of steps 2 and 3 (AdamW's moments exist
+from the first step's end) is compared with the plan's heaviest stage.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.parallel.spawn import spawn_ranks  # noqa: E402
+
+MiB = 2**20
+MODEL = ["model=tiny", "model.hidden_size=256", "model.intermediate_size=704", "model.num_layers=4",
+         "model.num_heads=8", "model.num_kv_heads=4", "model.tie_word_embeddings=false"]
+RUN = ["task=reranker", "task.num_negatives=3", "task.template=plain", "data.max_len=512", "train.batch_size=2",
+       "train.tensorboard=false", "train.save_final=false", "train.device=cpu"]
+# name: (ranks, overrides)
+CONFIGS = {
+    "single": (1, []),
+    "selective": (1, ["train.recompute=selective"]),
+    "full": (1, ["train.recompute=full"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2-no-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
+    "tp2-full": (2, ["parallel.tp=2", "train.recompute=full"]),
+    "pp2": (2, ["parallel.pp=2", "train.batch_size=4", "train.grad_accum=2"]),
+    "pp2-full": (2, ["parallel.pp=2", "train.batch_size=4", "train.grad_accum=2", "train.recompute=full"]),
+    "ring2": (2, ["parallel.ring=2"]),
+    "ring2-full": (2, ["parallel.ring=2", "train.recompute=full"]),
+    "ulysses2": (2, ["parallel.ulysses=2"]),
+    "pp2xtp2": (4, ["parallel.pp=2", "parallel.tp=2", "train.batch_size=4", "train.grad_accum=2"]),
+}
+STEPS = 3
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers this rank holds (its shards, counted once each)."""
+    seen, total = set(), 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def measure_rank(rank: int, world: int, overrides: list[str]) -> dict:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed tensors leave
+    from engine.cli import compose
+    from engine.config import validate
+    from engine.parallel.layout import layout_from_config
+    from engine.parallel.mesh import init_mesh
+    from engine.train.trainer import Trainer
+
+    cfg, config_yaml = compose(overrides)
+    validate(cfg)
+    trainer = Trainer(cfg, config_yaml, init_mesh(layout_from_config(cfg.parallel), torch.device("cpu")))
+    outside_model = _status("VmRSS") - _held_bytes(trainer.model)
+    peaks, tokens = [], []
+    for _ in range(STEPS):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        tokens.append(trainer.train_step()["tokens"])
+        peaks.append(_status("VmHWM") - outside_model)
+    return {"peaks": peaks, "tokens": tokens}
+
+
+def predicted(overrides: list[str], world: int) -> tuple[list[float], "object"]:
+    from engine.build import model_args
+    from engine.cli import compose
+    from engine.model.transformer import Transformer
+    from engine.parallel.layout import layout_from_config
+    from engine.plan.memory import plan_memory
+
+    cfg, _ = compose(overrides)
+    args = model_args(cfg.model)
+    with torch.device("meta"):
+        total = sum(p.numel() for p in Transformer(args).parameters())
+    plan = plan_memory(cfg, args, total, layout_from_config(cfg.parallel, world), device="cpu")
+    return [stage.total for stage in plan.stages], plan
+
+
+def write_data(folder: str) -> str:
+    """Documents of ~3000 words: every query + document pair is cut to data.max_len."""
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    path = os.path.join(folder, "train.jsonl")
+    with open(path, "w") as f:
+        for _ in range(32):
+            f.write(json.dumps({"query": text(10), "pos": [text(3000)], "neg": [text(3000) for _ in range(3)]}) + "\n")
+    return path
+
+
+def run(names: list[str]) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        data = write_data(folder)
+        for name in names:
+            world, extra = CONFIGS[name]
+            overrides = MODEL + RUN + [f"data.train={data}", f"train.output_dir={folder}/{name}"] + extra
+            ranks = spawn_ranks(measure_rank, world, overrides, timeout_s=600, threads=None)
+            stage_totals, plan = predicted(overrides, world)
+            layout = plan_layout(overrides, world)
+            # Rank r runs pipeline stage r // (world / pp) (pp is the outermost mesh dimension).
+            per_stage = world // layout.pp
+            measured = [max(max(r["peaks"][1:]) for r in ranks[s * per_stage:(s + 1) * per_stage])
+                        for s in range(layout.pp)]
+            worst = max(range(layout.pp), key=lambda s: abs(stage_totals[s] / measured[s] - 1))
+            rows.append({"name": name, "ranks": world, "overrides": " ".join(extra),
+                         "tokens": ranks[0]["tokens"][-1], "predicted": stage_totals, "measured": measured,
+                         "error": stage_totals[worst] / measured[worst] - 1,
+                         "components": {c: getattr(plan.stages[worst], c) for c in
+                                        ("weights", "grads", "optimizer", "activations", "workspace", "comm_buffers")}})
+            print(f"{name:>10}: predicted {_mib(stage_totals)} measured {_mib(measured)} "
+                  f"error {rows[-1]['error']:+.1%}", flush=True)
+    return rows
+
+
+def plan_layout(overrides: list[str], world: int):
+    from engine.cli import compose
+    from engine.parallel.layout import layout_from_config
+
+    cfg, _ = compose(overrides)
+    return layout_from_config(cfg.parallel, world)
+
+
+def _mib(values: list[float]) -> str:
+    return "/".join(f"{v / MiB:.0f}" for v in values) + " MiB"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| configuration | ranks | predicted peak per rank (MiB) | measured (MiB) | error |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['name']} (`{row['overrides'] or 'defaults'}`) | {row['ranks']} | "
+                     f"{_mib(row['predicted'])[:-4]} | {_mib(row['measured'])[:-4]} | {row['error']:+.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="configurations to run")
+    parser.add_argument("--markdown", action="store_true", help="print the table for docs/performance.md")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    rows = run(args.only or list(CONFIGS))
+    if args.markdown:
+        print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    print(f"largest error: {worst['name']} {worst['error']:+.1%}")
+
+
+if __name__ == "__main__":
+    main()

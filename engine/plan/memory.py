@@ -1,0 +1,272 @@
+"""Memory per rank, from the model's shapes and the layout: the one memory model of the dry run
+(engine/train/dry_run.py) and the planner (launch/plan.py). Estimates, validated against measured
+peaks of CPU runs by bench/memory.py (docs/performance.md).
+
+Per rank of each pipeline stage, at the step's peak (the start of the last backward, with AdamW's
+moments allocated from the second step on):
+
+- weights, gradients, optimizer: the stage's parameters (engine/parallel/pipeline/stages.py's
+  rule) split over tp; under FSDP (any of dp, ring, ulysses > 1) also sharded over dp x ring x
+  ulysses. Gradients and AdamW's two moments exist for trainable parameters only, in the weights'
+  dtype (fp32 for model.dtype=auto, where bf16 autocast does the compute).
+- activations: the tensors autograd keeps for backward, counted per token per decoder layer from
+  the block itself (engine/model/transformer.py: two RMSNorms, q/k/v after RoPE and the kernel's
+  output, the four SwiGLU tensors; layer_saved_bytes_per_token), times the tokens this rank holds
+  (split over ring x ulysses, the residual stream also over tp under sequence parallelism), times
+  the micro-batch layers the pipeline schedule keeps in flight there (its own timeline). Under
+  train.recompute=full each layer keeps only its input, plus one layer recomputed at a time;
+  selective drops what the attention kernel keeps inside itself. Plus the final norm's.
+- workspace: one layer's backward at a time (the gradients of its activations) and, under
+  dtype=auto on GPU, autocast's bf16 copies of the weights.
+- communication buffers: FSDP's gathered layers (the one running and the one prefetched) and root
+  (embedding, norm, head: gathered for the whole step), tensor parallelism's full-sequence
+  all-gather / reduce-scatter tensors, ring attention's two K/V blocks in flight, the pipeline's
+  send and receive buffers.
+
+Not modelled: the runtime's own memory (CUDA context, NCCL channels, the caching allocator's
+fragmentation; on CPU, Python and the autograd graph: 15-25 MiB measured); the planner keeps
+cluster.reserved_memory for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 1024**3
+COMPONENTS = ("weights", "grads", "optimizer", "activations", "workspace", "comm_buffers")
+
+
+@dataclass
+class StageMemory:
+    description: str  # "stage 1: layers 40-79 + head"
+    weights: float  # bytes per rank of this stage
+    grads: float
+    optimizer: float
+    activations: float
+    workspace: float
+    comm_buffers: float
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, name) for name in COMPONENTS)
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name.replace('_', ' ')} {getattr(self, name) / GiB:.2f}" for name in COMPONENTS)
+        return f"{self.description}: {parts}, total {self.total / GiB:.2f} GiB per rank"
+
+
+@dataclass
+class MemoryPlan:
+    total_params: int
+    trainable_params: int
+    tokens_per_microbatch: int  # per dp rank, before sequence splitting
+    stages: list[StageMemory] = field(default_factory=list)  # one per pp rank
+
+    @property
+    def heaviest(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def total(self) -> float:
+        return self.heaviest.total
+
+    def __getattr__(self, name: str):
+        if name in COMPONENTS:  # plan.weights, plan.activations, ...: the heaviest stage's
+            return getattr(self.heaviest, name)
+        raise AttributeError(name)
+
+    def lines(self) -> list[str]:
+        where = "memory per rank of the heaviest stage" if len(self.stages) > 1 else "memory per rank"
+        heaviest = self.heaviest
+        parts = ", ".join(f"{name.replace('_', ' ')} {getattr(heaviest, name) / GiB:.2f} GiB" for name in COMPONENTS)
+        return [
+            f"parameters: {self.total_params / 1e9:.2f}B total, {self.trainable_params / 1e6:.2f}M trainable",
+            f"tokens per micro-batch per data-parallel rank: {self.tokens_per_microbatch}",
+            f"{where} (estimate): {parts}, total {heaviest.total / GiB:.2f} GiB",
+            *(f"  {stage.line()}" for stage in self.stages if len(self.stages) > 1),
+        ]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of what a run keeps: the weights (and their gradients and AdamW moments),
+    the residual stream, and the matmul outputs autograd saves."""
+
+    weights: int
+    stream: int
+    compute: int
+
+    @classmethod
+    def of(cls, dtype: str, device: str) -> "Precision":
+        """model.dtype on a device: auto is fp32 weights + bf16 autocast on GPU, fp32 on CPU."""
+        if dtype in ("bfloat16", "float16"):
+            return cls(2, 2, 2)
+        if dtype == "auto" and device != "cpu":
+            return cls(4, 4, 2)
+        return cls(4, 4, 4)
+
+
+def lora_parameter_count(args, rank: int, targets: list[str]) -> int:
+    h, kv = args.hidden_size, args.num_kv_heads * args.head_dim
+    q = args.num_heads * args.head_dim
+    shapes = {
+        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+        "gate_proj": (h, args.intermediate_size), "up_proj": (h, args.intermediate_size),
+        "down_proj": (args.intermediate_size, h),
+    }
+    per_layer = sum(rank * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    return per_layer * args.num_layers
+
+
+def tokens_per_microbatch(cfg, layout) -> int:
+    """Tokens of one micro-batch on one data-parallel rank (before ring x ulysses split them), every
+    sequence at its maximum length: a grad-cache chunk (its size is per rank), or a dp rank's share
+    of the batch_size / grad_accum queries with their documents."""
+    t, d, tr = cfg.task, cfg.data, cfg.train
+    group = 1 + t.num_negatives
+    if tr.grad_cache:
+        return tr.grad_cache_chunk * (d.max_len if t.type == "reranker" else d.doc_max_len)
+    queries = max(1, tr.batch_size // (tr.grad_accum * layout.dp))
+    if t.type == "reranker":
+        return queries * group * d.max_len
+    return queries * (d.query_max_len + group * d.doc_max_len)
+
+
+def micro_batches_per_pass(cfg, layout) -> int:
+    """Micro-batches one pipeline pass streams through (engine/train/schedule.py's _pipelined): an
+    embedding's grad-cache chunks, or its two towers; a reranker's grad_accum micro-batches."""
+    t, tr = cfg.task, cfg.train
+    if not tr.grad_cache:
+        return 2 if t.type == "embedding" else tr.grad_accum
+    queries = tr.batch_size // layout.dp
+    sequences = queries * (1 + t.num_negatives) + (queries if t.type == "embedding" else 0)
+    return -(-sequences // tr.grad_cache_chunk)
+
+
+def layer_saved_bytes_per_token(args, precision: Precision, layout, *, sequence_parallel: bool,
+                                recompute: str, attention_keeps: float) -> float:
+    """Bytes one decoder layer keeps for backward per token of the (context-split) stream.
+
+    attention_keeps: elements per token the attention kernel keeps inside itself beyond q, k, v and
+    its output (attention_internal_elements); dropped by selective recomputation."""
+    tp = layout.tp
+    h, q, kv, i = args.hidden_size, args.q_size / tp, args.kv_size / tp, args.intermediate_size / tp
+    stream = h / tp if (sequence_parallel and tp > 1) else h  # the residual stream's share per token
+    if recompute == "full":
+        return precision.stream * stream
+    f32, c = 4, precision.compute
+    # RMSNorm (engine/model/norm.py): its fp32 input, the normed value, and the (gathered under
+    # sequence parallelism) output the projections read.
+    norm = f32 * stream + precision.stream * stream + c * h
+    qk_norm = (f32 + c) * (q + kv) if args.qk_norm else 0
+    attention = c * (q + 2 * kv) + c * q  # the kernel's q, k (after RoPE), v, and its output (o_proj's input)
+    mlp = 4 * c * i  # gate, silu(gate), up, and their product (down_proj's input)
+    kernel = c * attention_keeps if recompute == "none" else 0
+    return 2 * norm + qk_norm + attention + mlp + kernel
+
+
+def attention_internal_elements(args, layout, kernel: str) -> float:
+    """Elements per token an attention implementation keeps for backward beyond q, k, v, out.
+    flash-attn / Triton keep only the log-sum-exp; the CPU reference (kernels.attention='torch' on
+    CPU) pads q, k, v into per-bucket copies and keeps its own output; ring attention keeps every
+    step's partial output the same way; Ulysses also keeps the all-to-all's head-split q, k, v and
+    output."""
+    q, kv = args.q_size / layout.tp, args.kv_size / layout.tp
+    fused = kernel in ("flash", "triton")
+    keeps = args.num_heads / layout.tp if fused else 2 * q + 2 * kv
+    if layout.ulysses > 1:
+        keeps += 2 * q + 2 * kv
+    return keeps
+
+
+def plan_memory(cfg, args, total_params: int, layout, *, device: str | None = None) -> MemoryPlan:
+    """Every pipeline stage's rank (one stage when pp = 1); plan.total is the heaviest's."""
+    trainable = (
+        lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) if cfg.lora.rank > 0 else total_params
+    )
+    return MemoryPlan(
+        total_params=total_params,
+        trainable_params=trainable,
+        tokens_per_microbatch=tokens_per_microbatch(cfg, layout),
+        stages=plan_stage_memory(cfg, args, layout, device=device),
+    )
+
+
+def planned_device(cfg) -> str:
+    """The device a plan is for: train.device, where auto means a GPU cluster's."""
+    return "cuda" if cfg.train.device == "auto" else cfg.train.device
+
+
+def planned_kernel(cfg, device: str) -> str:
+    """The attention implementation the run would pick (engine/kernels/select.py's rule, by name)."""
+    if cfg.kernels.attention != "auto":
+        return cfg.kernels.attention
+    return "torch" if device == "cpu" else "flash"
+
+
+def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[StageMemory]:
+    """Each pipeline stage's rank: its parameters by the stage rule (engine/parallel/pipeline/stages.py),
+    and activations for the most micro-batch layers the schedule keeps in flight there at once (its
+    own timeline, engine/train/pipeline_timeline.py: 1F1B pp - stage micro-batches, GPipe all)."""
+    from engine.config import reads_lm_head
+    from engine.parallel.pipeline.stages import plan_stages, unit_costs
+    from engine.train.pipeline_timeline import peak_layers_in_flight
+
+    device = device or planned_device(cfg)
+    precision = Precision.of(cfg.model.dtype, device)
+    head_rows = reads_lm_head(cfg.task)
+    plan = plan_stages(args, layout.pp, layout.virtual, head_rows=head_rows)
+    _, layer_params, _ = unit_costs(args, head_rows)
+    lora_per_layer = (
+        lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) // args.num_layers if cfg.lora.rank > 0 else 0
+    )
+    tp, fsdp = layout.tp, layout.dp * layout.ulysses * layout.ring
+    sp = cfg.parallel.sequence_parallel and tp > 1
+    tokens = tokens_per_microbatch(cfg, layout) / (layout.ulysses * layout.ring)
+    h = args.hidden_size
+    stream = h / tp if sp else h
+    saved = layer_saved_bytes_per_token(
+        args, precision, layout, sequence_parallel=sp, recompute=cfg.train.recompute,
+        attention_keeps=attention_internal_elements(args, layout, planned_kernel(cfg, device)),
+    ) * tokens
+    recomputed_layer = 0.0
+    if cfg.train.recompute == "full":  # one layer's whole set, rebuilt inside its backward
+        recomputed_layer = tokens * layer_saved_bytes_per_token(
+            args, precision, layout, sequence_parallel=sp, recompute="none",
+            attention_keeps=attention_internal_elements(args, layout, planned_kernel(cfg, device)))
+    final_norm = tokens * (4 * stream + precision.stream * stream + precision.compute * h)
+    # The gradients of one layer's activations during its backward: four at the MLP width, two at
+    # the hidden width; tensor parallelism adds its full-sequence all-gather and reduce-scatter tensors.
+    workspace = tokens * precision.compute * (4 * args.intermediate_size / tp + 2 * h)
+    comm_tp = tokens * precision.compute * 3 * h if tp > 1 else 0.0
+    comm_ring = tokens * precision.compute * 4 * args.kv_size / tp if layout.ring > 1 else 0.0
+    comm_pp = 4 * tokens * precision.stream * stream if layout.pp > 1 else 0.0
+    micro = micro_batches_per_pass(cfg, layout)
+    in_flight = peak_layers_in_flight(cfg.parallel.pp_schedule if layout.pp > 1 else "gpipe", plan, micro)
+    stages = []
+    for rank in range(layout.pp):
+        chunks = plan.chunks_of(rank)
+        params = plan.cost_of(rank)
+        layers = len(plan.layers_of(rank))
+        root = params - layers * layer_params  # embedding, final norm, head: FSDP's root unit
+        trainable = layers * lora_per_layer if cfg.lora.rank > 0 else params
+        grads = trainable * precision.weights / tp / fsdp
+        activations = in_flight[rank] * saved + recomputed_layer
+        if any(c.head for c in chunks):
+            activations += final_norm
+        step_workspace = workspace + (params * 2 / tp if precision.compute < precision.weights else 0.0)
+        fsdp_buffers = 0.0
+        if fsdp > 1:  # the root stays gathered; two layers at a time (running, prefetched)
+            fsdp_buffers = (root + 2 * layer_params) * precision.weights / tp
+            fsdp_buffers += (lora_per_layer if cfg.lora.rank > 0 else layer_params) * 4 / tp  # fp32 reduce
+        stages.append(StageMemory(
+            description=plan.describe()[rank],
+            weights=params * precision.weights / tp / fsdp,
+            # Counted in full: with several backward passes per step the first's are held while the
+            # next micro-batch's activations are; with one, the true peak is a little lower.
+            grads=grads,
+            optimizer=2 * trainable * precision.weights / tp / fsdp,
+            activations=activations,
+            workspace=step_workspace,
+            comm_buffers=fsdp_buffers + comm_tp + comm_ring + comm_pp,
+        ))
+    return stages
