@@ -1,18 +1,25 @@
 """The memory model (engine/plan/memory.py) against measured peaks: CPU runs of a small Llama in
 several layouts, predicted vs measured peak memory per rank.
 
-    python bench/memory.py                     # every configuration (about 3 minutes on 2 cores)
+    python bench/memory.py                     # every configuration (about 4 minutes on 2 cores)
     python bench/memory.py --only tp2 pp2      # some of them
     python bench/memory.py --markdown          # the table docs/performance.md carries
 
-Each configuration trains the real Trainer for 3 steps on gloo ranks (spawn_ranks): a reranker on
-a 4-layer Llama (hidden 256, SwiGLU 704, 8 heads, 4 KV heads), float32, documents long enough that
-every sequence fills data.max_len. Measured: each rank's peak resident memory during a step
-(VmHWM, reset before the step through /proc/self/clear_refs), less what the process held before
-the step other than the model's parameters (interpreter, libraries, data, tokenizer). glibc's
-mmap threshold is fixed at 64 KiB so that freed tensors go back to the system (by default it
-grows to 32 MiB and freed tensors stay mapped). The peak of steps 2 and 3 (AdamW's moments exist
-from the first step's end) is compared with the plan's heaviest stage.
+Each configuration trains the real Trainer on gloo ranks (spawn_ranks): a reranker on a 4-layer
+Llama (hidden 256, SwiGLU 704, 8 heads, 4 KV heads), documents long enough that every sequence fills
+data.max_len; float32 except the bf16 rows (model.dtype=bfloat16). Two measurements per rank:
+
+resident   the process's peak resident memory during steps 2 and 3 (VmHWM, reset before each step
+           through /proc/self/clear_refs), less what it held before the step other than the
+           model's parameters (interpreter, libraries, data, tokenizer); glibc's mmap threshold is
+           fixed at 64 KiB so that freed tensors go back to the system (by default it grows to
+           32 MiB and freed tensors stay mapped). Everything the step costs, the runtime included.
+tensors    the peak of live tensor bytes during step 4, from the allocations and frees torch.profiler
+           records, plus the parameters and AdamW moments allocated before it: what a GPU's
+           max_memory_allocated() reports, without the runtime's own buffers (oneDNN's, gloo's,
+           Python's).
+AdamW's moments exist from the first step's end, so steps 2-4 are the steady state; the plan's
+stage for a rank is compared with it (pp rows: stage 0 / stage 1, the worst error reported).
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ CONFIGS = {
     "single": (1, []),
     "selective": (1, ["train.recompute=selective"]),
     "full": (1, ["train.recompute=full"]),
+    "bf16": (1, ["model.dtype=bfloat16"]),
+    "bf16-tp2-full": (2, ["model.dtype=bfloat16", "parallel.tp=2", "train.recompute=full"]),
     "tp2": (2, ["parallel.tp=2"]),
     "tp2-no-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
     "tp2-full": (2, ["parallel.tp=2", "train.recompute=full"]),
@@ -73,6 +82,26 @@ def _held_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def _tensor_peak(trainer) -> int:
+    """Peak live tensor bytes of one training step: what existed before it and stays (parameters and
+    AdamW's moments; the last step's gradients are freed first, as the step itself would) plus the
+    running sum of the allocations and frees torch.profiler records during the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    states = [t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    before = _held_bytes(trainer.model) + sum(t.untyped_storage().nbytes() for t in states)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.train_step()
+    # Every allocation and free, in time order (prof.events() folds most of them into their ops).
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return before + peak
+
+
 def measure_rank(rank: int, world: int, overrides: list[str]) -> dict:
     ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed tensors leave
     from engine.cli import compose
@@ -91,7 +120,7 @@ def measure_rank(rank: int, world: int, overrides: list[str]) -> dict:
             f.write("5")  # resets VmHWM to the current resident size
         tokens.append(trainer.train_step()["tokens"])
         peaks.append(_status("VmHWM") - outside_model)
-    return {"peaks": peaks, "tokens": tokens}
+    return {"peaks": peaks, "tokens": tokens, "tensors": _tensor_peak(trainer)}
 
 
 def predicted(overrides: list[str], world: int) -> tuple[list[float], "object"]:
@@ -133,16 +162,17 @@ def run(names: list[str]) -> list[dict]:
             layout = plan_layout(overrides, world)
             # Rank r runs pipeline stage r // (world / pp) (pp is the outermost mesh dimension).
             per_stage = world // layout.pp
-            measured = [max(max(r["peaks"][1:]) for r in ranks[s * per_stage:(s + 1) * per_stage])
-                        for s in range(layout.pp)]
-            worst = max(range(layout.pp), key=lambda s: abs(stage_totals[s] / measured[s] - 1))
+            stage_ranks = [ranks[s * per_stage:(s + 1) * per_stage] for s in range(layout.pp)]
+            resident = [max(max(r["peaks"][1:]) for r in group) for group in stage_ranks]
+            tensors = [max(r["tensors"] for r in group) for group in stage_ranks]
             rows.append({"name": name, "ranks": world, "overrides": " ".join(extra),
-                         "tokens": ranks[0]["tokens"][-1], "predicted": stage_totals, "measured": measured,
-                         "error": stage_totals[worst] / measured[worst] - 1,
-                         "components": {c: getattr(plan.stages[worst], c) for c in
+                         "tokens": ranks[0]["tokens"][-1], "predicted": stage_totals, "measured": resident,
+                         "error": _worst_error(stage_totals, resident), "tensors": tensors,
+                         "tensor_error": _worst_error(stage_totals, tensors),
+                         "components": {c: getattr(plan.heaviest, c) for c in
                                         ("weights", "grads", "optimizer", "activations", "workspace", "comm_buffers")}})
-            print(f"{name:>10}: predicted {_mib(stage_totals)} measured {_mib(measured)} "
-                  f"error {rows[-1]['error']:+.1%}", flush=True)
+            print(f"{name:>13}: predicted {_mib(stage_totals)}, resident {_mib(resident)} "
+                  f"({rows[-1]['error']:+.1%}), tensors {_mib(tensors)} ({rows[-1]['tensor_error']:+.1%})", flush=True)
     return rows
 
 
@@ -154,16 +184,21 @@ def plan_layout(overrides: list[str], world: int):
     return layout_from_config(cfg.parallel, world)
 
 
+def _worst_error(predicted: list[float], measured: list[float]) -> float:
+    return max((p / m - 1 for p, m in zip(predicted, measured)), key=abs)
+
+
 def _mib(values: list[float]) -> str:
     return "/".join(f"{v / MiB:.0f}" for v in values) + " MiB"
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| configuration | ranks | predicted peak per rank (MiB) | measured (MiB) | error |",
-             "|---|---|---|---|---|"]
+    lines = ["| configuration | ranks | predicted peak per rank (MiB) | resident (MiB) | error | tensors (MiB) | error |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['name']} (`{row['overrides'] or 'defaults'}`) | {row['ranks']} | "
-                     f"{_mib(row['predicted'])[:-4]} | {_mib(row['measured'])[:-4]} | {row['error']:+.1%} |")
+                     f"{_mib(row['predicted'])[:-4]} | {_mib(row['measured'])[:-4]} | {row['error']:+.1%} | "
+                     f"{_mib(row['tensors'])[:-4]} | {row['tensor_error']:+.1%} |")
     return "\n".join(lines)
 
 
@@ -179,8 +214,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    worst = max(rows, key=lambda r: abs(r["error"]))
-    print(f"largest error: {worst['name']} {worst['error']:+.1%}")
+    for key in ("error", "tensor_error"):
+        worst = max(rows, key=lambda r: abs(r[key]))
+        print(f"largest {key.replace('_', ' ')}: {worst['name']} {worst[key]:+.1%}")
 
 
 if __name__ == "__main__":

@@ -266,7 +266,6 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     for key in ("tp", "pp", "pp_virtual", "ulysses", "ring"):
         _positive(f"parallel.{key}", getattr(p, key))
     check_pipeline_schedule(p.pp_schedule, p.pp_virtual)
-    validate_cluster(cfg.cluster)
     if not tr.dry_run:
         if need_train_data:
             if not d.train:
@@ -280,6 +279,7 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
 
 
 def validate_cluster(c: ClusterConfig) -> None:
+    """The cluster.* keys, which only launch/plan.py reads (a training launch ignores them)."""
     _positive("cluster.gpus", c.gpus, allow_zero=True)
     for key in ("gpus_per_node", "peak_tflops", "mfu", "intra_node_bandwidth", "inter_node_bandwidth", "top"):
         _positive(f"cluster.{key}", getattr(c, key))

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import compose, run_cli  # noqa: E402
-from engine.config import validate  # noqa: E402
+from engine.config import validate, validate_cluster  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -26,8 +26,13 @@ def main(argv: list[str]) -> int:
     from engine.plan.layouts import plan_cluster
     from engine.plan.report import report
 
+    from dataclasses import replace
+
     cfg, _ = compose(argv)
+    # A plan is a dry run on a cluster: no data, model folder or device is needed.
+    cfg = replace(cfg, train=replace(cfg.train, dry_run=True))
     validate(cfg, need_train_data=False)
+    validate_cluster(cfg.cluster)
     args = model_args(cfg.model)
     with torch.device("meta"):
         total = sum(p.numel() for p in Transformer(args).parameters())

@@ -97,7 +97,7 @@ class Progress:
                 self._published = here
             self.store.add(self.prefix + f"beat/{self.rank}", 1)
         except RuntimeError:
-            self.store = None  # the store went with its host: marks are a diagnosis, training goes on
+            pass  # a store request that timed out: the next second tries again (marks are a diagnosis)
 
     def stop(self) -> None:
         self._stop.set()
@@ -109,14 +109,15 @@ class Progress:
         return {rank: int(value) for rank, value in self._read("beat/").items()}
 
     def _read(self, kind: str) -> dict[int, bytes]:
-        if self.store is None:
+        store = self.store
+        if store is None:
             return {}
         found = {}
         for rank in range(self.world):
             key = self.prefix + kind + str(rank)
             try:
-                if self.store.check([key]):
-                    found[rank] = self.store.get(key)
+                if store.check([key]):
+                    found[rank] = store.get(key)
             except RuntimeError:
                 return found  # the store went with its host
         return found

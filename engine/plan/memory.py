@@ -8,7 +8,8 @@ moments allocated from the second step on):
 - weights, gradients, optimizer: the stage's parameters (engine/parallel/pipeline/stages.py's
   rule) split over tp; under FSDP (any of dp, ring, ulysses > 1) also sharded over dp x ring x
   ulysses. Gradients and AdamW's two moments exist for trainable parameters only, in the weights'
-  dtype (fp32 for model.dtype=auto, where bf16 autocast does the compute).
+  dtype (fp32 for model.dtype=auto, where bf16 autocast does the compute); except that FSDP holds
+  whole fp32 gradients when it reduces once after several backward passes (pp, grad_accum).
 - activations: the tensors autograd keeps for backward, counted per token per decoder layer from
   the block itself (engine/model/transformer.py: two RMSNorms, q/k/v after RoPE and the kernel's
   output, the four SwiGLU tensors; layer_saved_bytes_per_token), times the tokens this rank holds
@@ -20,8 +21,8 @@ moments allocated from the second step on):
   dtype=auto on GPU, autocast's bf16 copies of the weights.
 - communication buffers: FSDP's gathered layers (the one running and the one prefetched) and root
   (embedding, norm, head: gathered for the whole step), tensor parallelism's full-sequence
-  all-gather / reduce-scatter tensors, ring attention's two K/V blocks in flight, the pipeline's
-  send and receive buffers.
+  all-gather / reduce-scatter tensors, ring attention's backward (fp32 gradients of q, K, V, those
+  in transit, the K/V block in flight), the pipeline's send and receive buffers.
 
 Not modelled: the runtime's own memory (CUDA context, NCCL channels, the caching allocator's
 fragmentation; on CPU, Python and the autograd graph: 15-25 MiB measured); the planner keeps
@@ -69,11 +70,6 @@ class MemoryPlan:
     def total(self) -> float:
         return self.heaviest.total
 
-    def __getattr__(self, name: str):
-        if name in COMPONENTS:  # plan.weights, plan.activations, ...: the heaviest stage's
-            return getattr(self.heaviest, name)
-        raise AttributeError(name)
-
     def lines(self) -> list[str]:
         where = "memory per rank of the heaviest stage" if len(self.stages) > 1 else "memory per rank"
         heaviest = self.heaviest
@@ -118,17 +114,45 @@ def lora_parameter_count(args, rank: int, targets: list[str]) -> int:
 
 
 def tokens_per_microbatch(cfg, layout) -> int:
-    """Tokens of one micro-batch on one data-parallel rank (before ring x ulysses split them), every
-    sequence at its maximum length: a grad-cache chunk (its size is per rank), or a dp rank's share
-    of the batch_size / grad_accum queries with their documents."""
+    """The most tokens one micro-batch holds on one data-parallel rank (before ring x ulysses split
+    them), every sequence at its maximum length: a grad-cache chunk (its size is per rank; a chunk of
+    documents is the longest), or a dp rank's share of the batch_size / grad_accum queries with their
+    documents (both towers at once, for the loss; under pp each tower is its own micro-batch)."""
     t, d, tr = cfg.task, cfg.data, cfg.train
     group = 1 + t.num_negatives
     if tr.grad_cache:
-        return tr.grad_cache_chunk * (d.max_len if t.type == "reranker" else d.doc_max_len)
+        return tr.grad_cache_chunk * (d.max_len if t.type == "reranker" else max(d.doc_max_len, d.query_max_len))
     queries = max(1, tr.batch_size // (tr.grad_accum * layout.dp))
     if t.type == "reranker":
         return queries * group * d.max_len
+    if layout.pp > 1:
+        return queries * max(d.query_max_len, group * d.doc_max_len)
     return queries * (d.query_max_len + group * d.doc_max_len)
+
+
+def tokens_per_step(cfg, layout) -> int:
+    """Every token one data-parallel rank encodes in a step (before ring x ulysses split them)."""
+    t, d = cfg.task, cfg.data
+    queries = max(1, cfg.train.batch_size // layout.dp)
+    if t.type == "reranker":
+        return queries * (1 + t.num_negatives) * d.max_len
+    return queries * (d.query_max_len + (1 + t.num_negatives) * d.doc_max_len)
+
+
+def layer_calls_per_step(cfg, layout) -> int:
+    """Forward calls with a graph of each layer per step on one rank (engine/train/schedule.py): one
+    per grad-cache chunk, else one per tower (an embedding's query and document towers) per grad_accum
+    micro-batch. FSDP gathers a layer's weights for each, and again for its backward."""
+    if cfg.train.grad_cache:
+        return micro_batches_per_pass(cfg, layout)
+    return cfg.train.grad_accum * (2 if cfg.task.type == "embedding" else 1)
+
+
+def defers_gradient_reduction(cfg, layout) -> bool:
+    """Whether FSDP holds whole (unsharded, fp32) gradients across several backward passes before
+    reducing them once: under pp (pipeline_gradient_sync) and grad_accum > 1 (set_gradient_sync);
+    a grad-cache step without pp reduces at every chunk's backward."""
+    return layout.pp > 1 or (cfg.train.grad_accum > 1 and not cfg.train.grad_cache)
 
 
 def micro_batches_per_pass(cfg, layout) -> int:
@@ -154,27 +178,41 @@ def layer_saved_bytes_per_token(args, precision: Precision, layout, *, sequence_
     if recompute == "full":
         return precision.stream * stream
     f32, c = 4, precision.compute
-    # RMSNorm (engine/model/norm.py): its fp32 input, the normed value, and the (gathered under
-    # sequence parallelism) output the projections read.
-    norm = f32 * stream + precision.stream * stream + c * h
+    # Each RMSNorm (engine/model/norm.py): its fp32 input and the normed value at the stream's width;
+    # its output as the projections read it (gathered to the whole hidden size under sequence
+    # parallelism): one tensor shared by q, k, v (gate, up), except under autocast, whose bf16 cast
+    # of an activation is made, and kept, by each projection apart.
+    norms = 2 * (f32 + precision.stream) * stream
+    entries = c * h * ((3 + 2) if precision.compute < precision.weights else 2)
     qk_norm = (f32 + c) * (q + kv) if args.qk_norm else 0
     attention = c * (q + 2 * kv) + c * q  # the kernel's q, k (after RoPE), v, and its output (o_proj's input)
     mlp = 4 * c * i  # gate, silu(gate), up, and their product (down_proj's input)
     kernel = c * attention_keeps if recompute == "none" else 0
-    return 2 * norm + qk_norm + attention + mlp + kernel
+    return norms + entries + qk_norm + attention + mlp + kernel
+
+
+def kv_width_for_attention(args, layout) -> float:
+    """K (or V) elements per token the attention kernel reads on a rank: Ulysses repeats KV heads
+    when a tp rank has fewer than ulysses of them (engine/parallel/ulysses.py's expand_kv_heads)."""
+    kv_heads = max(1, args.num_kv_heads // layout.tp)
+    if layout.ulysses > 1:
+        kv_heads = max(kv_heads, layout.ulysses)
+    return kv_heads * args.head_dim
 
 
 def attention_internal_elements(args, layout, kernel: str) -> float:
     """Elements per token an attention implementation keeps for backward beyond q, k, v, out.
-    flash-attn / Triton keep only the log-sum-exp; the CPU reference (kernels.attention='torch' on
-    CPU) pads q, k, v into per-bucket copies and keeps its own output; ring attention keeps every
-    step's partial output the same way; Ulysses also keeps the all-to-all's head-split q, k, v and
-    output."""
+    flash-attn / Triton keep only the log-sum-exp, and so does ring attention (its own autograd
+    Function keeps q, k, v, out, lse: engine/parallel/ring.py); the CPU reference
+    (kernels.attention='torch' on CPU) pads q, k, v into per-bucket copies and keeps its own output.
+    Under Ulysses the kernel's output is the head-split one (another q-sized tensor) and its K, V the
+    repeated ones."""
     q, kv = args.q_size / layout.tp, args.kv_size / layout.tp
-    fused = kernel in ("flash", "triton")
-    keeps = args.num_heads / layout.tp if fused else 2 * q + 2 * kv
+    kv_kernel = kv_width_for_attention(args, layout)
+    fused = kernel in ("flash", "triton") or layout.ring > 1
+    keeps = args.num_heads / layout.tp if fused else 2 * q + 2 * kv_kernel
     if layout.ulysses > 1:
-        keeps += 2 * q + 2 * kv
+        keeps += q + 2 * (kv_kernel - kv)
     return keeps
 
 
@@ -234,14 +272,22 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
             args, precision, layout, sequence_parallel=sp, recompute="none",
             attention_keeps=attention_internal_elements(args, layout, planned_kernel(cfg, device)))
     final_norm = tokens * (4 * stream + precision.stream * stream + precision.compute * h)
-    # The gradients of one layer's activations during its backward: four at the MLP width, two at
-    # the hidden width; tensor parallelism adds its full-sequence all-gather and reduce-scatter tensors.
+    # The backward's working set, as an upper bound: the gradients of one layer's activations, four at
+    # the MLP width and two at the hidden width (autograd frees each node's saved tensors as it runs,
+    # so fewer are alive at once: bench/memory.py's tensor peaks come out below the plan). Tensor
+    # parallelism adds its full-sequence tensors: the all-gathered gradient, the partial input
+    # gradient before its reduce-scatter, and the collective's staging copy.
     workspace = tokens * precision.compute * (4 * args.intermediate_size / tp + 2 * h)
     comm_tp = tokens * precision.compute * 3 * h if tp > 1 else 0.0
-    comm_ring = tokens * precision.compute * 4 * args.kv_size / tp if layout.ring > 1 else 0.0
+    # Ring attention's backward (engine/parallel/ring.py): fp32 dq, this rank's and the received dK, dV,
+    # a block's gradients, and the K/V block in transit.
+    comm_ring = 0.0
+    if layout.ring > 1:
+        comm_ring = tokens * (4 + precision.compute) * (args.q_size + 4 * args.kv_size) / tp
     comm_pp = 4 * tokens * precision.stream * stream if layout.pp > 1 else 0.0
     micro = micro_batches_per_pass(cfg, layout)
     in_flight = peak_layers_in_flight(cfg.parallel.pp_schedule if layout.pp > 1 else "gpipe", plan, micro)
+    defer = defers_gradient_reduction(cfg, layout)
     stages = []
     for rank in range(layout.pp):
         chunks = plan.chunks_of(rank)
@@ -249,7 +295,10 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
         layers = len(plan.layers_of(rank))
         root = params - layers * layer_params  # embedding, final norm, head: FSDP's root unit
         trainable = layers * lora_per_layer if cfg.lora.rank > 0 else params
-        grads = trainable * precision.weights / tp / fsdp
+        if fsdp > 1 and defer:  # FSDP keeps them whole, in fp32 (its reduce dtype), until it reduces them
+            grads = trainable * 4 / tp
+        else:
+            grads = trainable * precision.weights / tp / fsdp
         activations = in_flight[rank] * saved + recomputed_layer
         if any(c.head for c in chunks):
             activations += final_norm
@@ -262,7 +311,8 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
             description=plan.describe()[rank],
             weights=params * precision.weights / tp / fsdp,
             # Counted in full: with several backward passes per step the first's are held while the
-            # next micro-batch's activations are; with one, the true peak is a little lower.
+            # next micro-batch's activations are; with one, the true peak is a little lower (a layer's
+            # gradients are written as its activations are freed).
             grads=grads,
             optimizer=2 * trainable * precision.weights / tp / fsdp,
             activations=activations,

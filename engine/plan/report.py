@@ -25,8 +25,12 @@ def row(plan: LayoutPlan) -> list[str]:
           ("weights", "grads", "optimizer", "activations", "workspace", "comm_buffers")),
         f"{stage.total / GiB:.1f}",
         *(f"{traffic[g] / 1e9:.0f}" if g in traffic else "-" for g in GROUPS),
-        f"{plan.time.compute_s:.1f}", f"{plan.time.communication_s:.1f}", f"{plan.time.total_s:.1f}",
+        _seconds(plan.time.compute_s), _seconds(plan.time.communication_s), _seconds(plan.time.total_s),
     ]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def table(rows: list[list[str]]) -> list[str]:
@@ -64,7 +68,7 @@ def report(cfg, plan: ClusterPlan, top: int) -> list[str]:
         lines.append(f"fastest fitting layout: {layout_name(best).strip()} "
                      f"(parallel.tp={best.layout.tp} parallel.pp={best.layout.pp} "
                      f"parallel.ulysses={best.layout.ulysses} parallel.ring={best.layout.ring}), "
-                     f"{best.time.total_s:.1f} s per step")
+                     f"{_seconds(best.time.total_s)} s per step")
     else:
         lines.append("no layout fits: lower data.max_len or the batch, use train.recompute=full, LoRA, or more GPUs")
     smallest = f" (smallest: {layout_name(plan.too_big[0]).strip()}, {plan.too_big[0].memory.total / GiB:.1f} GiB)" \

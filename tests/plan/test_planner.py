@@ -29,17 +29,38 @@ def test_traffic_per_group_matches_the_collectives_counted_by_hand():
     layout = Layout(tp=2, pp=2, ring=2, dp=2)
     traffic = {g.group: g for g in traffic_per_step(cfg, args, layout, Precision(4, 4, 4))}
     h, kv = 256, 2 * 64
-    micro = 2  # grad_accum micro-batches go through the pipeline
-    tokens = (8 // (2 * 2)) * 4 * 1024 / 2  # 2 queries x 4 sequences x 1024 per dp rank, over ring 2
+    tokens = (8 // 2) * 4 * 1024 / 2  # a dp rank's 4 queries x 4 sequences x 1024 per step, over ring 2
     layers = 4  # per stage
     # tp: 2 all-gathers + 2 reduce-scatters forward, as many backward, each (tp-1)/tp of T x h fp32.
-    assert traffic["tp"].bytes_per_step == pytest.approx(8 * 0.5 * tokens * h * 4 * layers * micro)
-    # ring: one hop of K and V (per tp rank: kv/2) forward, K, V and their gradients backward.
-    assert traffic["ring"].bytes_per_step == pytest.approx(3 * 1 * 2 * (kv / 2) * tokens * 4 * layers * micro)
-    # pp: the stream (h/tp under sequence parallelism) forward, its gradient back, per micro-batch.
-    assert traffic["pp"].bytes_per_step == pytest.approx(2 * micro * tokens * (h / 2) * 4)
-    assert (traffic["tp"].span, traffic["ring"].span, traffic["pp"].span) == (2, 4, 16)
+    assert traffic["tp"].bytes_per_step == pytest.approx(8 * 0.5 * tokens * h * 4 * layers)
+    # ring: forward, one hop of K and V (per tp rank: kv/2 each); backward, that hop again, and the
+    # fp32 dK, dV carried over both ring steps.
+    per_token = 1 * 2 * (kv / 2) * 4 + 1 * 2 * (kv / 2) * 4 + 2 * 2 * (kv / 2) * 4
+    assert traffic["ring"].bytes_per_step == pytest.approx(per_token * tokens * layers)
+    # pp: the stream (h/tp under sequence parallelism) forward, its gradient back.
+    assert traffic["pp"].bytes_per_step == pytest.approx(2 * tokens * (h / 2) * 4)
+    # FSDP over dp x ring = 4: each layer gathered for the forward and the backward of each of the 2
+    # micro-batches, the root once; gradients reduced once (pp defers them), fp32; all split over tp.
+    layer = 256 * (2 * 256 + 2 * 128) + 3 * 256 * 512 + 2 * 256  # q, k, v, o; gate, up, down; 2 norms
+    root = 512 * 256  # stage 0 (the heaviest): the embedding and 4 layers
+    gathered = (2 * 2 * layers * layer + root) * 4
+    reduced = (root + layers * layer) * 4
+    assert traffic["dp_sp"].bytes_per_step == pytest.approx(3 / 4 * (gathered + reduced) / 2)
+    assert (traffic["tp"].span, traffic["ring"].span, traffic["pp"].span) == (2, 4, 9)
     assert traffic["dp_sp"].size == 4 and "ulysses" not in traffic
+
+
+def test_ulysses_traffic_counts_the_repeated_kv_heads_and_pipelines_span_nodes():
+    cfg, args = _small()
+    # 2 KV heads, ulysses 4: each repeated to 4 heads before the all-to-all.
+    traffic = {g.group: g for g in traffic_per_step(cfg, args, Layout(ulysses=4, pp=4), Precision(4, 4, 4))}
+    tokens = 8 * 4 * 1024 / 4
+    width = 256 + 2 * 4 * 64 + 256  # q, repeated k and v in; the output back
+    layers = 2  # 8 over pp 4
+    # Forward and backward, 3/4 of each all-to-all's input leaves the rank.
+    assert traffic["ulysses"].bytes_per_step == pytest.approx(2 * 3 / 4 * width * 4 * tokens * layers)
+    # pp 4 on 16 ranks: stages 4 ranks apart, the pipeline over 13 consecutive ranks (two nodes of 8).
+    assert traffic["pp"].span == 13
 
 
 def test_flops_are_six_per_parameter_per_token_plus_attention():
