@@ -92,9 +92,17 @@ LAYOUTS[2]["pp2"] = ["parallel.pp=2"]
 LAYOUTS[2]["pp2-gpipe"] = ["parallel.pp=2", "parallel.pp_schedule=gpipe"]
 LAYOUTS[2]["pp2v2"] = ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2"]
 # Layouts run for some tasks only: pp 4 and 2 virtual stages per rank need 4 layers (the "layers4"
-# variant, which runs every task there), and the 4-rank compositions of pp are covered by every
-# task on 8 ranks. Every task runs pp2, pp2 x tp2 and each 8-rank pipeline layout.
+# variant, which runs every task on pp4 and pp2v2). Every task runs pp2, pp2 x tp2 and pp2v2, and
+# each task runs pp with dp (pp2xdp2, pp2xtp2xdp2 or pp4xdp2) somewhere.
 LAYOUT_TASKS = {"pp4": (), "pp4xdp2": (), "pp2v2": (), "pp2v2xtp2xdp2": (),
+                # 8 processes on the CI machine's 2 cores are the suite's slowest jobs: two tasks each
+                # (an embedder and a reranker, LoRA on one and full on the other), every task having run
+                # each of their parts (pp2 x tp2, pp2 x ring2, pp 4, pp2 x dp2, interleaving) on 4 ranks.
+                "pp2xtp2xdp2": ("embedding-lora", "reranker-full-untied"),
+                "pp2xring2xtp2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear"),
+                # tp 4 without sequence parallelism: its one difference from tp4-sp (every task) and
+                # tp2 (every task) is the norms on whole rows, which one task shows.
+                "tp4": ("reranker-full-untied",),
                 "pp2-gpipe": ("embedding-full-qwen3", "reranker-full-untied"),
                 "pp2xdp2": ("embedding-full-qwen3", "reranker-full-untied"), "pp2xulysses2": ("embedding-lora",),
                 "pp2xring2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear")}
@@ -149,6 +157,8 @@ EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2", "pp2"), "gradcache": ("dp2", "dp2x
                  "recompute-full": ("ring2", "ring2xulysses2", "pp2"), "recompute-selective": ("ring2", "pp2"),
                  "layers4": ("pp4", "pp4xdp2", "pp2v2", "pp2v2xtp2xdp2")}
 EXTRA_LAYOUT_TASKS = {("layers4", "pp4"): ("embedding-lora", "reranker-full-untied"),
+                      ("layers4", "pp4xdp2"): ("embedding-full-qwen3", "reranker-lora-qwen2-linear"),
+                      ("layers4", "pp2v2xtp2xdp2"): ("embedding-lora", "reranker-full-untied"),
                       ("path", "pp2xtp2"): ("embedding-lora",),
                       ("gradcache", "pp2xdp2"): ("embedding-lora",)}
 
