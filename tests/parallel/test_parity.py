@@ -103,6 +103,10 @@ LAYOUT_TASKS = {"pp4": (), "pp4xdp2": (), "pp2v2": (), "pp2v2xtp2xdp2": (),
                 # tp 4 without sequence parallelism: its one difference from tp4-sp (every task) and
                 # tp2 (every task) is the norms on whole rows, which one task shows.
                 "tp4": ("reranker-full-untied",),
+                # The 4-rank hybrids of context parallelism: three tasks each (every task runs ring 2,
+                # ulysses 2, ring 4 and ulysses 4 alone), each causal and bidirectional.
+                "ring2xulysses2": ("embedding-lora", "reranker-lora-qwen2-linear", "embedding-bidirectional"),
+                "tp2xulysses2": ("embedding-full-qwen3", "reranker-full-untied", "embedding-bidirectional"),
                 "pp2-gpipe": ("embedding-full-qwen3", "reranker-full-untied"),
                 "pp2xdp2": ("embedding-full-qwen3", "reranker-full-untied"), "pp2xulysses2": ("embedding-lora",),
                 "pp2xring2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear")}
