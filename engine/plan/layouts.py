@@ -69,7 +69,7 @@ def plan_layout(cfg, args, total_params: int, layout: Layout, usable_bytes: int,
     check_trainable_layout(cfg, layout, args)
     device = planned_device(cfg)
     memory = plan_memory(cfg, args, total_params, layout, device=device)
-    traffic = traffic_per_step(cfg, args, layout, Precision.of(cfg.model.dtype, device))
+    traffic = traffic_per_step(cfg, args, layout, Precision.of(cfg.model, device))
     bubble = 0.0
     if layout.pp > 1:
         bubble = bubble_fraction(cfg.parallel.pp_schedule, layout.pp, layout.virtual, micro_batches_per_pass(cfg, layout))

@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GiB = 1024**3
+FUSED_ATTENTION = ("flash_attn", "triton")  # backends that keep only the LSE for backward
 COMPONENTS = ("weights", "grads", "optimizer", "activations", "workspace", "comm_buffers")
 
 
@@ -92,13 +93,16 @@ class Precision:
     compute: int
 
     @classmethod
-    def of(cls, dtype: str, device: str) -> "Precision":
-        """model.dtype on a device: auto is fp32 weights + bf16 autocast on GPU, fp32 on CPU."""
-        if dtype in ("bfloat16", "float16"):
-            return cls(2, 2, 2)
-        if dtype == "auto" and device != "cpu":
-            return cls(4, 4, 2)
-        return cls(4, 4, 4)
+    def of(cls, model_cfg, device: str) -> "Precision":
+        """A run's dtypes by the build's own rules (engine/build.py): model.dtype=auto is fp32 weights,
+        with bf16 autocast on GPU."""
+        import torch
+
+        from engine.build import autocast_dtype, resolve_dtype
+
+        weights = resolve_dtype(model_cfg.dtype, torch.device(device)).itemsize
+        autocast = autocast_dtype(model_cfg, torch.device(device))
+        return cls(weights, weights, autocast.itemsize if autocast is not None else weights)
 
 
 def lora_parameter_count(args, rank: int, targets: list[str]) -> int:
@@ -209,7 +213,7 @@ def attention_internal_elements(args, layout, kernel: str) -> float:
     repeated ones."""
     q, kv = args.q_size / layout.tp, args.kv_size / layout.tp
     kv_kernel = kv_width_for_attention(args, layout)
-    fused = kernel in ("flash", "triton") or layout.ring > 1
+    fused = kernel in FUSED_ATTENTION or layout.ring > 1
     keeps = args.num_heads / layout.tp if fused else 2 * q + 2 * kv_kernel
     if layout.ulysses > 1:
         keeps += q + 2 * (kv_kernel - kv)
@@ -235,10 +239,11 @@ def planned_device(cfg) -> str:
 
 
 def planned_kernel(cfg, device: str) -> str:
-    """The attention implementation the run would pick (engine/kernels/select.py's rule, by name)."""
-    if cfg.kernels.attention != "auto":
-        return cfg.kernels.attention
-    return "torch" if device == "cpu" else "flash"
+    """The attention backend the run would resolve to (the dispatcher's own rule: on GPU, auto takes
+    flash-attn or Triton where installed)."""
+    from engine.kernels.attention import resolve_backend
+
+    return resolve_backend(cfg.kernels.attention, device)
 
 
 def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[StageMemory]:
@@ -250,7 +255,7 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
     from engine.train.pipeline_timeline import peak_layers_in_flight
 
     device = device or planned_device(cfg)
-    precision = Precision.of(cfg.model.dtype, device)
+    precision = Precision.of(cfg.model, device)
     head_rows = reads_lm_head(cfg.task)
     plan = plan_stages(args, layout.pp, layout.virtual, head_rows=head_rows)
     _, layer_params, _ = unit_costs(args, head_rows)
@@ -262,15 +267,13 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
     tokens = tokens_per_microbatch(cfg, layout) / (layout.ulysses * layout.ring)
     h = args.hidden_size
     stream = h / tp if sp else h
-    saved = layer_saved_bytes_per_token(
-        args, precision, layout, sequence_parallel=sp, recompute=cfg.train.recompute,
-        attention_keeps=attention_internal_elements(args, layout, planned_kernel(cfg, device)),
-    ) * tokens
+    keeps = attention_internal_elements(args, layout, planned_kernel(cfg, device))
+    saved = tokens * layer_saved_bytes_per_token(args, precision, layout, sequence_parallel=sp,
+                                                 recompute=cfg.train.recompute, attention_keeps=keeps)
     recomputed_layer = 0.0
     if cfg.train.recompute == "full":  # one layer's whole set, rebuilt inside its backward
-        recomputed_layer = tokens * layer_saved_bytes_per_token(
-            args, precision, layout, sequence_parallel=sp, recompute="none",
-            attention_keeps=attention_internal_elements(args, layout, planned_kernel(cfg, device)))
+        recomputed_layer = tokens * layer_saved_bytes_per_token(args, precision, layout, sequence_parallel=sp,
+                                                                recompute="none", attention_keeps=keeps)
     final_norm = tokens * (4 * stream + precision.stream * stream + precision.compute * h)
     # The backward's working set, as an upper bound: the gradients of one layer's activations, four at
     # the MLP width and two at the hidden width (autograd frees each node's saved tensors as it runs,

@@ -6,6 +6,7 @@ import pytest
 
 from engine.build import model_args
 from engine.cli import compose
+from engine.config import ModelConfig
 from engine.parallel.layout import Layout
 from engine.plan.memory import Precision, lora_parameter_count, plan_memory, tokens_per_microbatch
 
@@ -74,6 +75,21 @@ def test_tokens_per_microbatch_splits_the_batch_over_dp_but_not_a_grad_cache_chu
 
 
 def test_precision_follows_dtype_and_device():
-    assert Precision.of("bfloat16", "cuda") == Precision(2, 2, 2)
-    assert Precision.of("auto", "cuda") == Precision(4, 4, 2)  # fp32 weights, bf16 autocast
-    assert Precision.of("auto", "cpu") == Precision(4, 4, 4)
+    assert Precision.of(ModelConfig(dtype="bfloat16"), "cuda") == Precision(2, 2, 2)
+    assert Precision.of(ModelConfig(dtype="auto"), "cuda") == Precision(4, 4, 2)  # fp32 weights, bf16 autocast
+    assert Precision.of(ModelConfig(dtype="auto"), "cpu") == Precision(4, 4, 4)
+
+
+@pytest.mark.parametrize("fused", ["flash_attn", "triton"])
+def test_fused_attention_kernels_keep_only_their_lse(fused):
+    """flash-attn and Triton keep the LSE (a float per head) where the reference keeps padded q, k, v
+    copies and its output: the plans differ by exactly that, per layer and token."""
+    def activations(kernel: str) -> float:
+        cfg, _ = compose(["+exp=reranker_qwen3_8b", "train.recompute=none", f"kernels.attention={kernel}"])
+        return plan_memory(cfg, model_args(cfg.model), 8_000_000_000, Layout(tp=4, dp=2)).heaviest.activations
+
+    cfg, _ = compose(["+exp=reranker_qwen3_8b"])
+    tokens = tokens_per_microbatch(cfg, Layout(tp=4, dp=2))
+    q, kv = 32 * 128 / 4, 8 * 128 / 4  # Qwen3-8B per tp rank
+    per_layer_token = 2 * ((2 * q + 2 * kv) - 32 / 4)  # bf16
+    assert activations("torch") - activations(fused) == pytest.approx(36 * tokens * per_layer_token)
