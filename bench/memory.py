@@ -123,19 +123,16 @@ def measure_rank(rank: int, world: int, overrides: list[str]) -> dict:
     return {"peaks": peaks, "tokens": tokens, "tensors": _tensor_peak(trainer)}
 
 
-def predicted(overrides: list[str], world: int) -> tuple[list[float], "object"]:
+def predicted(overrides: list[str], world: int):
+    """The plan for these overrides on `world` ranks, and its layout."""
     from engine.build import model_args
     from engine.cli import compose
-    from engine.model.transformer import Transformer
     from engine.parallel.layout import layout_from_config
     from engine.plan.memory import plan_memory
 
     cfg, _ = compose(overrides)
-    args = model_args(cfg.model)
-    with torch.device("meta"):
-        total = sum(p.numel() for p in Transformer(args).parameters())
-    plan = plan_memory(cfg, args, total, layout_from_config(cfg.parallel, world), device="cpu")
-    return [stage.total for stage in plan.stages], plan
+    layout = layout_from_config(cfg.parallel, world)
+    return plan_memory(cfg, model_args(cfg.model), layout, device="cpu"), layout
 
 
 def write_data(folder: str) -> str:
@@ -158,8 +155,8 @@ def run(names: list[str]) -> list[dict]:
             world, extra = CONFIGS[name]
             overrides = MODEL + RUN + [f"data.train={data}", f"train.output_dir={folder}/{name}"] + extra
             ranks = spawn_ranks(measure_rank, world, overrides, timeout_s=600, threads=None)
-            stage_totals, plan = predicted(overrides, world)
-            layout = plan_layout(overrides, world)
+            plan, layout = predicted(overrides, world)
+            stage_totals = [stage.total for stage in plan.stages]
             # Rank r runs pipeline stage r // (world / pp) (pp is the outermost mesh dimension).
             per_stage = world // layout.pp
             stage_ranks = [ranks[s * per_stage:(s + 1) * per_stage] for s in range(layout.pp)]
@@ -174,14 +171,6 @@ def run(names: list[str]) -> list[dict]:
             print(f"{name:>13}: predicted {_mib(stage_totals)}, resident {_mib(resident)} "
                   f"({rows[-1]['error']:+.1%}), tensors {_mib(tensors)} ({rows[-1]['tensor_error']:+.1%})", flush=True)
     return rows
-
-
-def plan_layout(overrides: list[str], world: int):
-    from engine.cli import compose
-    from engine.parallel.layout import layout_from_config
-
-    cfg, _ = compose(overrides)
-    return layout_from_config(cfg.parallel, world)
 
 
 def _worst_error(predicted: list[float], measured: list[float]) -> float:

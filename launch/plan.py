@@ -19,10 +19,7 @@ from engine.config import validate, validate_cluster  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    import torch
-
     from engine.build import model_args
-    from engine.model.transformer import Transformer
     from engine.plan.layouts import plan_cluster
     from engine.plan.report import report
 
@@ -33,10 +30,7 @@ def main(argv: list[str]) -> int:
     cfg = replace(cfg, train=replace(cfg.train, dry_run=True))
     validate(cfg, need_train_data=False)
     validate_cluster(cfg.cluster)
-    args = model_args(cfg.model)
-    with torch.device("meta"):
-        total = sum(p.numel() for p in Transformer(args).parameters())
-    for line in report(cfg, plan_cluster(cfg, args, total), cfg.cluster.top):
+    for line in report(cfg, plan_cluster(cfg, model_args(cfg.model)), cfg.cluster.top):
         print(line)
     return 0
 

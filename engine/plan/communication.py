@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.plan.memory import (
-    Precision, defers_gradient_reduction, kv_width_for_attention, layer_calls_per_step, lora_parameter_count,
+    Precision, defers_gradient_reduction, kv_width_for_attention, layer_calls_per_step, stage_trainable,
     tokens_per_step,
 )
 
@@ -46,7 +46,7 @@ def forward_passes(cfg) -> int:
 def traffic_per_step(cfg, args, layout, precision: Precision) -> list[GroupTraffic]:
     """Each group with more than one rank, and what each of its ranks sends per step."""
     from engine.config import reads_lm_head
-    from engine.parallel.pipeline.stages import plan_stages, unit_costs
+    from engine.parallel.pipeline.stages import plan_stages
 
     tp, u, r, pp = layout.tp, layout.ulysses, layout.ring, layout.pp
     c = precision.compute
@@ -87,8 +87,7 @@ def _fsdp_bytes(cfg, args, layout, plan, stage: int, layers: int, precision: Pre
     shards = layout.dp * layout.ulysses * layout.ring
     _, layer_params, _ = unit_costs(args, reads_lm_head(cfg.task))
     stage_params = plan.cost_of(stage)
-    trainable = (lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) * layers // args.num_layers
-                 if cfg.lora.rank > 0 else stage_params)
+    trainable = stage_trainable(cfg, args, stage_params, layers)
     root = stage_params - layers * layer_params  # gathered once per step (kept unsharded)
     calls = layer_calls_per_step(cfg, layout)
     gathers = calls * (2 + bool(cfg.train.grad_cache)) * layers * layer_params + root

@@ -63,12 +63,12 @@ def config_for(cfg, layout: Layout):
     return replace(cfg, parallel=parallel)
 
 
-def plan_layout(cfg, args, total_params: int, layout: Layout, usable_bytes: int, is_experiment: bool) -> LayoutPlan:
+def plan_layout(cfg, args, layout: Layout, usable_bytes: int, is_experiment: bool) -> LayoutPlan:
     """Raises ConfigError when a launch would refuse the layout."""
     cfg = config_for(cfg, layout)
     check_trainable_layout(cfg, layout, args)
     device = planned_device(cfg)
-    memory = plan_memory(cfg, args, total_params, layout, device=device)
+    memory = plan_memory(cfg, args, layout, device=device)
     traffic = traffic_per_step(cfg, args, layout, Precision.of(cfg.model, device))
     bubble = 0.0
     if layout.pp > 1:
@@ -77,7 +77,7 @@ def plan_layout(cfg, args, total_params: int, layout: Layout, usable_bytes: int,
                       memory.total <= usable_bytes, is_experiment)
 
 
-def plan_cluster(cfg, args, total_params: int) -> ClusterPlan:
+def plan_cluster(cfg, args) -> ClusterPlan:
     c = cfg.cluster
     gpus = c.gpus or cfg.parallel.world_size
     if gpus <= 0:
@@ -88,7 +88,7 @@ def plan_cluster(cfg, args, total_params: int) -> ClusterPlan:
     experiment, experiment_error = None, None
     try:
         own = layout_from_config(cfg.parallel, gpus)
-        experiment = plan_layout(cfg, args, total_params, own, usable, True)
+        experiment = plan_layout(cfg, args, own, usable, True)
     except ConfigError as err:
         own, experiment_error = None, str(err)
     plans, broken = [], 0
@@ -96,7 +96,7 @@ def plan_cluster(cfg, args, total_params: int) -> ClusterPlan:
         if layout == own:
             continue
         try:
-            plans.append(plan_layout(cfg, args, total_params, layout, usable, False))
+            plans.append(plan_layout(cfg, args, layout, usable, False))
         except ConfigError:
             broken += 1
     if experiment is not None:

@@ -117,6 +117,14 @@ def lora_parameter_count(args, rank: int, targets: list[str]) -> int:
     return per_layer * args.num_layers
 
 
+def stage_trainable(cfg, args, stage_params: int, layers: int) -> int:
+    """Trainable parameters of a stage holding `layers` decoder layers and `stage_params` in all:
+    its layers' LoRA adapters, or everything it holds."""
+    if cfg.lora.rank == 0:
+        return stage_params
+    return layers * lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) // args.num_layers
+
+
 def tokens_per_microbatch(cfg, layout) -> int:
     """The most tokens one micro-batch holds on one data-parallel rank (before ring x ulysses split
     them), every sequence at its maximum length: a grad-cache chunk (its size is per rank; a chunk of
@@ -220,8 +228,9 @@ def attention_internal_elements(args, layout, kernel: str) -> float:
     return keeps
 
 
-def plan_memory(cfg, args, total_params: int, layout, *, device: str | None = None) -> MemoryPlan:
+def plan_memory(cfg, args, layout, *, device: str | None = None) -> MemoryPlan:
     """Every pipeline stage's rank (one stage when pp = 1); plan.total is the heaviest's."""
+    total_params = args.num_parameters()
     trainable = (
         lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) if cfg.lora.rank > 0 else total_params
     )
@@ -259,9 +268,6 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
     head_rows = reads_lm_head(cfg.task)
     plan = plan_stages(args, layout.pp, layout.virtual, head_rows=head_rows)
     _, layer_params, _ = unit_costs(args, head_rows)
-    lora_per_layer = (
-        lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) // args.num_layers if cfg.lora.rank > 0 else 0
-    )
     tp, fsdp = layout.tp, layout.dp * layout.ulysses * layout.ring
     sp = cfg.parallel.sequence_parallel and tp > 1
     tokens = tokens_per_microbatch(cfg, layout) / (layout.ulysses * layout.ring)
@@ -297,7 +303,7 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
         params = plan.cost_of(rank)
         layers = len(plan.layers_of(rank))
         root = params - layers * layer_params  # embedding, final norm, head: FSDP's root unit
-        trainable = layers * lora_per_layer if cfg.lora.rank > 0 else params
+        trainable = stage_trainable(cfg, args, params, layers)
         if fsdp > 1 and defer:  # FSDP keeps them whole, in fp32 (its reduce dtype), until it reduces them
             grads = trainable * 4 / tp
         else:
@@ -309,7 +315,7 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
         fsdp_buffers = 0.0
         if fsdp > 1:  # the root stays gathered; two layers at a time (running, prefetched)
             fsdp_buffers = (root + 2 * layer_params) * precision.weights / tp
-            fsdp_buffers += (lora_per_layer if cfg.lora.rank > 0 else layer_params) * 4 / tp  # fp32 reduce
+            fsdp_buffers += stage_trainable(cfg, args, layer_params, 1) * 4 / tp  # one layer's fp32 reduce
         stages.append(StageMemory(
             description=plan.describe()[rank],
             weights=params * precision.weights / tp / fsdp,

@@ -23,7 +23,7 @@ def dry_run(cfg) -> dict:
     with torch.device("meta"):
         model = Transformer(args)
     total = sum(p.numel() for p in model.parameters())
-    plan = plan_memory(cfg, args, total, layout)
+    plan = plan_memory(cfg, args, layout)
     print(f"dry run: {cfg.task.type} task, {args.family} backbone, {args.num_layers} layers, hidden {args.hidden_size}")
     print(f"layout: world {layout.world_size} = pp {layout.pp} x dp {layout.dp} x ring {layout.ring} "
           f"x ulysses {layout.ulysses} x tp {layout.tp}; sequence length {seq_len}")

@@ -17,7 +17,8 @@ def test_reranker_70b_plan_matches_hand_computed_terms():
     cfg, _ = compose(["+exp=reranker_70b"])
     args = model_args(cfg.model)
     layout = Layout(tp=8, pp=2, ulysses=4, ring=2, dp=1)
-    plan = plan_memory(cfg, args, LLAMA3_70B, layout)
+    plan = plan_memory(cfg, args, layout)
+    assert plan.total_params == LLAMA3_70B
     lora = lora_parameter_count(args, 64, list(cfg.lora.targets))
     # LoRA r=64 on q,k,v,o,gate,up,down of 80 layers: r * (in + out) per matrix.
     h, kv, ffn = 8192, 8 * 128, 28672
@@ -55,7 +56,7 @@ def test_reranker_70b_plan_matches_hand_computed_terms():
 
 def test_sequence_parallelism_splits_only_the_residual_stream():
     overrides = ["+exp=reranker_qwen3_8b", "train.recompute=selective", "train.grad_cache=false"]
-    with_sp, without_sp = (plan_memory(cfg, model_args(cfg.model), 8_000_000_000, Layout(tp=4, dp=2))
+    with_sp, without_sp = (plan_memory(cfg, model_args(cfg.model), Layout(tp=4, dp=2))
                            for cfg in (compose(overrides)[0],
                                        compose(overrides + ["parallel.sequence_parallel=false"])[0]))
     cfg = compose(overrides)[0]
@@ -86,7 +87,7 @@ def test_fused_attention_kernels_keep_only_their_lse(fused):
     copies and its output: the plans differ by exactly that, per layer and token."""
     def activations(kernel: str) -> float:
         cfg, _ = compose(["+exp=reranker_qwen3_8b", "train.recompute=none", f"kernels.attention={kernel}"])
-        return plan_memory(cfg, model_args(cfg.model), 8_000_000_000, Layout(tp=4, dp=2)).heaviest.activations
+        return plan_memory(cfg, model_args(cfg.model), Layout(tp=4, dp=2)).heaviest.activations
 
     cfg, _ = compose(["+exp=reranker_qwen3_8b"])
     tokens = tokens_per_microbatch(cfg, Layout(tp=4, dp=2))

@@ -76,7 +76,7 @@ def test_flops_are_six_per_parameter_per_token_plus_attention():
 def test_layouts_that_do_not_fit_are_refused_and_the_rest_ranked_by_step_time():
     cfg, _ = compose(["+exp=reranker_70b", "cluster.gpus=128", "cluster.gpu_memory=24GB", "cluster.reserved_memory=0"])
     args = model_args(cfg.model)
-    plan = plan_cluster(cfg, args, 70_553_706_496)
+    plan = plan_cluster(cfg, args)
     assert plan.usable_bytes == 24 * 10**9
     assert plan.ranked and plan.too_big  # 24 GB leaves some layouts out and some in
     assert all(p.memory.total <= plan.usable_bytes for p in plan.ranked)
