@@ -2,6 +2,8 @@
 formulas, refusal of layouts that do not fit, ranking, and the command as a user runs it."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from engine.build import model_args
@@ -115,3 +117,17 @@ def test_plan_names_why_the_experiment_cannot_run_on_too_few_gpus(train_here):
     result = train_here("+exp=embedding_70b", "cluster.gpus=8", "cluster.top=1", script="plan.py")
     assert result.returncode == 0, result.stderr
     assert "the experiment's layout cannot run on 8 GPUs: parallel: tp*pp*ulysses*ring = 8*2*4*1 = 64" in result.stdout
+
+
+def test_plan_without_a_gpu_count_is_a_one_line_error(train_here):
+    result = train_here("+exp=tiny", script="plan.py")  # parallel.world_size=0 and no cluster.gpus
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "cluster.gpus=0 and parallel.world_size=0: give the GPUs to plan for" in result.stderr
+
+
+def test_plan_says_when_no_layout_fits(train_here):
+    result = train_here("+exp=reranker_70b", "cluster.gpus=8", "cluster.gpu_memory=1GB", "cluster.reserved_memory=0",
+                        script="plan.py")
+    assert result.returncode == 0, result.stderr
+    assert "no layout fits: lower data.max_len or the batch" in result.stdout
+    assert re.search(r"^refused: \d+ layouts that do not fit \(smallest: ", result.stdout, re.M)
