@@ -1,17 +1,27 @@
 """One training step of the demo recipe, Ember against its peer, as ratios measured in one run.
 
     python bench/train_step.py [--steps 3] [--batch 16]
+    python bench/train_step.py --ablation      # Ember alone, each step optimisation undone in turn
+    python bench/train_step.py --profile       # Ember alone: where a step's time goes (torch.profiler)
+    python bench/train_step.py --profile --undone   # ... as it went before the optimisations below
 
 Ember: packed sequences (cu_seqlens, no padding), LoRA r=16 on every projection, mean pooling,
 InfoNCE over 1 positive + 1 hard negative per query plus in-batch candidates.
 Peer: transformers + peft on the same weights, LoRA and loss, with right padding per tower
 (the way sentence-transformers and FlagEmbedding batch).
 Also measured: this CPU's fp32 matmul rate, so model FLOP/s can be read as a fraction of it.
+
+--ablation times the step as it was before each optimisation of issue 12, in one process on the
+same batch: all undone (the towers encoded one pass each, LoRA as five autograd nodes, the
+greedy bucket rule re-planned in every layer), then each restored in turn, so every line's
+difference from the one above is that optimisation's gain. --profile sorts one step's
+torch.profiler operator time into matmuls, attention, element-wise and indexing work.
 Needs the demo assets (`python launch/prepare_demo.py`).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -81,10 +91,102 @@ def peer_step_fn(trainer: Trainer, path: str, rank: int, alpha: float):
     return step, padded_tokens
 
 
+def greedy_buckets(lengths: list[int], overhead_pairs: float) -> list[list[int]]:
+    """The bucket rule before issue 12: a sequence joins the open bucket when its own padding
+    costs less than a call (engine/kernels/attention/reference.py has the exact plan now)."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    bucket_len = 0
+    for i in order:
+        if buckets and bucket_len**2 <= lengths[i] ** 2 + overhead_pairs:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+            bucket_len = lengths[i]
+    return buckets
+
+
+def tower_by_tower(encode, towers):
+    return [encode(seqs) for seqs in towers]
+
+
+# (label, what undoing it patches): module, attribute, the value before the optimisation.
+OPTIMISATIONS = [
+    ("towers in one pass (engine/tasks/base.py encode_together)",
+     [("engine.train.schedule", "encode_together", tower_by_tower)]),
+    ("LoRA linear as one autograd node (engine/kernels/lora.py)",
+     [("engine.model.lora", "lora_linear", "engine.kernels.lora:lora_linear_reference")]),
+    ("LoRA merged into the weight per call, fp32 (engine/kernels/lora.py)",
+     [("engine.kernels.lora", "MERGE_DTYPES", ())]),
+    ("exact attention buckets, planned once per stream (reference.py plan_buckets)",
+     [("engine.kernels.attention.reference", "plan_buckets", greedy_buckets)]),
+]
+
+
+def _resolve(value):
+    """A patch value; "module:name" strings are looked up when the patch is applied."""
+    if isinstance(value, str):
+        source, name = value.split(":")
+        return getattr(importlib.import_module(source), name)
+    return value
+
+
+def undo_optimisations() -> dict:
+    """Put back what every optimisation replaced; returns what was there, to restore."""
+    originals = {}
+    for _, patches in OPTIMISATIONS:
+        for module_name, attribute, before in patches:
+            module = importlib.import_module(module_name)
+            originals[module_name, attribute] = getattr(module, attribute)
+            setattr(module, attribute, _resolve(before))
+    return originals
+
+
+def ablation(step, steps: int, flops: float, peak: float) -> None:
+    from engine.kernels.attention import reference
+
+    originals = undo_optimisations()
+    print(f"{'':76s} s/step  model FLOP/s / peak")
+    rows = [("before issue 12 (all undone)", [])] + [(f"+ {label}", patches) for label, patches in OPTIMISATIONS]
+    for label, patches in rows:
+        for module_name, attribute, _ in patches:  # restore this one
+            setattr(importlib.import_module(module_name), attribute, originals[module_name, attribute])
+        reference._stream_plan.cache_clear()
+        seconds = time_steps(step, steps)
+        print(f"{label:76s} {seconds:6.2f}  {flops / seconds / 1e9 / peak:.2f}", flush=True)
+
+
+def profile_step(step) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    groups = {"matmul (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"),
+              "attention (SDPA forward + backward)": ("aten::_scaled_dot_product",),
+              "indexing / padding (index_*, fill_, copy_, cat)": ("aten::index", "aten::fill_", "aten::copy_",
+                                                                 "aten::cat", "aten::scatter", "aten::zero_"),
+              "optimizer (AdamW)": ("aten::_fused_adamw",)}
+    totals = dict.fromkeys(list(groups) + ["element-wise and the rest"], 0.0)
+    everything = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        everything += seconds
+        group = next((g for g, prefixes in groups.items() if event.key.startswith(prefixes)), "element-wise and the rest")
+        totals[group] += seconds
+    print(f"operator self time of one step: {everything:.2f} s (profiled, so slower than the timed step)")
+    for group, seconds in totals.items():
+        print(f"  {group:52s} {seconds:6.2f} s  {seconds / everything:5.1%}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--ablation", action="store_true", help="Ember alone, each optimisation undone in turn")
+    parser.add_argument("--profile", action="store_true", help="Ember alone: one step's time by operator group")
+    parser.add_argument("--undone", action="store_true", help="with --profile: the step before issue 12's changes")
     args = parser.parse_args()
 
     cfg, yaml = compose(["+exp=demo", f"train.batch_size={args.batch}", "train.output_dir=outputs/bench",
@@ -97,19 +199,25 @@ def main() -> None:
         trainer.step = 0  # the same batch every time, as the peer
         trainer.train_step()
 
-    peak = matmul_peak_gflops()
-    ember_s = time_steps(ember_step, args.steps)
-    peer, padded_tokens = peer_step_fn(trainer, cfg.model.path, cfg.lora.rank, cfg.lora.alpha)
-    peer_s = time_steps(peer, args.steps)
-
     backbone = trainer.model.backbone
     dense = sum(p.numel() for n, p in backbone.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
     # Frozen weights: forward 2*N*T plus the input-gradient half of the backward, 2*N*T.
     flops = 4 * dense * real_tokens
+    peak = matmul_peak_gflops()
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
-    print(f"batch: {args.batch} queries x (1 pos + {batch.group_size - 1} neg); real tokens {real_tokens}, "
-          f"padded tokens {padded_tokens} ({padded_tokens / real_tokens:.2f}x)")
+    print(f"batch: {args.batch} queries x (1 pos + {batch.group_size - 1} neg); real tokens {real_tokens}")
+    if args.profile:
+        if args.undone:
+            undo_optimisations()
+        return profile_step(ember_step)
+    if args.ablation:
+        return ablation(ember_step, args.steps, flops, peak)
+
+    ember_s = time_steps(ember_step, args.steps)
+    peer, padded_tokens = peer_step_fn(trainer, cfg.model.path, cfg.lora.rank, cfg.lora.alpha)
+    peer_s = time_steps(peer, args.steps)
+    print(f"padded tokens {padded_tokens} ({padded_tokens / real_tokens:.2f}x)")
     print(f"ember (packed):      {ember_s:.2f} s/step, {real_tokens / ember_s:.0f} tokens/s, "
           f"model FLOP/s = {flops / ember_s / 1e9:.1f} GFLOP/s = {flops / ember_s / 1e9 / peak:.2f} of peak")
     print(f"transformers+peft:   {peer_s:.2f} s/step, {real_tokens / peer_s:.0f} real tokens/s")

@@ -1,6 +1,6 @@
 """Forward-only passes over many texts: embeddings for retrieval, scores for reranking.
 
-Sequences are sorted by length and packed `batch_size` at a time, so a batch of short
+Sequences are sorted by length (longest first) and packed `batch_size` at a time, so a batch of short
 texts never pays for a long one; results come back in the caller's order.
 """
 from __future__ import annotations
@@ -19,7 +19,10 @@ def _batched(token_lists: list[list[int]], batch_size: int, share: tuple[int, in
     """(indices, packed batch) in length order; share=(rank, ranks) keeps every ranks-th
     sequence of that order starting at rank, so each rank gets a similar mix of lengths."""
     rank, ranks = share
-    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))[rank::ranks]
+    # Longest first: each packed batch then lies in the order the attention buckets want (no
+    # gather or scatter around them, engine/kernels/attention/reference.py), and the largest
+    # batch, the memory peak, comes first.
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))[rank::ranks]
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         yield index, PackedSequences.from_token_lists([token_lists[i] for i in index])

@@ -51,6 +51,16 @@ class PackedSequences:
             self.input_ids[t0:t1], self.position_ids[t0:t1], cu, int(lengths.max())
         )
 
+    @staticmethod
+    def concat(parts: list["PackedSequences"]) -> "PackedSequences":
+        """One stream holding every part's sequences in order (the towers of a step, encoded together)."""
+        offsets = torch.cumsum(torch.tensor([0] + [p.num_tokens for p in parts[:-1]]), 0).tolist()
+        cu_seqlens = torch.cat([parts[0].cu_seqlens[:1]] + [p.cu_seqlens[1:] + o for p, o in zip(parts, offsets)])
+        return PackedSequences(
+            torch.cat([p.input_ids for p in parts]), torch.cat([p.position_ids for p in parts]),
+            cu_seqlens, max(p.max_seqlen for p in parts),
+        )
+
     def chunks(self, seqs_per_chunk: int) -> list["PackedSequences"]:
         return [
             self.select(i, min(i + seqs_per_chunk, self.num_seqs))

@@ -14,9 +14,10 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from engine.kernels.lora import lora_linear
 
 PEFT_TASK_TYPES = ("CAUSAL_LM", "FEATURE_EXTRACTION", "SEQ_CLS")
 
@@ -68,9 +69,7 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: Tensor) -> Tensor:
-        base = F.linear(x, self.weight, self.bias)
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return base + update * self.scaling
+        return lora_linear(x, self.weight, self.bias, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling)
 
     def delta_weight(self) -> Tensor:
         """(out, in): B A * scaling, the change LoRA makes to the weight."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from engine.kernels.lora import lora_linear
 from engine.model.lora import LoRALinear
 from engine.model.norm import RMSNorm
 from engine.parallel.collectives import (
@@ -168,11 +169,11 @@ class ColumnParallelLinear(_ParallelLinearBase):
         super().__init__(linear, tp_mesh)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, local(self.weight), local(self.bias))
-        if self.lora:
-            lora_a = copy_to_tp(local(self.lora_A), self.group)  # each rank's B slice gives part of dA
-            y = y + F.linear(F.linear(self.lora_dropout(x), lora_a), local(self.lora_B)) * self.scaling
-        return y
+        if not self.lora:
+            return F.linear(x, local(self.weight), local(self.bias))
+        lora_a = copy_to_tp(local(self.lora_A), self.group)  # each rank's B slice gives part of dA
+        return lora_linear(x, local(self.weight), local(self.bias), self.lora_dropout(x), lora_a,
+                           local(self.lora_B), self.scaling)
 
 
 class RowParallelLinear(_ParallelLinearBase):
@@ -186,11 +187,13 @@ class RowParallelLinear(_ParallelLinearBase):
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
-        partial = F.linear(x, local(self.weight))
         if self.lora:
             # (x_own A_own^T) summed over ranks is x A^T; B is linear, so one reduction covers both.
             lora_b = copy_to_tp(local(self.lora_B), self.group)
-            partial = partial + F.linear(F.linear(self._dropout_own_features(x), local(self.lora_A)), lora_b) * self.scaling
+            partial = lora_linear(x, local(self.weight), None, self._dropout_own_features(x), local(self.lora_A),
+                                  lora_b, self.scaling)
+        else:
+            partial = F.linear(x, local(self.weight))
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(partial, self.group)
             bias = None if self.bias is None else copy_to_tp(local(self.bias), self.group)  # tokens differ per rank
@@ -229,11 +232,11 @@ class HeadSliceLinear(_ParallelLinearBase):
         return None if tensor is None else copy_to_tp(local(tensor), self.group)[self.rows]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self._own_rows(self.weight), self._own_rows(self.bias))
-        if self.lora:
-            lora_a = copy_to_tp(local(self.lora_A), self.group)
-            y = y + F.linear(F.linear(self.lora_dropout(x), lora_a), self._own_rows(self.lora_B)) * self.scaling
-        return y
+        if not self.lora:
+            return F.linear(x, self._own_rows(self.weight), self._own_rows(self.bias))
+        lora_a = copy_to_tp(local(self.lora_A), self.group)
+        return lora_linear(x, self._own_rows(self.weight), self._own_rows(self.bias), self.lora_dropout(x), lora_a,
+                           self._own_rows(self.lora_B), self.scaling)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -8,6 +8,8 @@ A task says only how it pools (`pooling`), what its head makes of the pooled row
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from engine.data.batch import PackedSequences
@@ -27,7 +29,7 @@ class TaskModule(nn.Module):
     def forward(self, batch) -> Tensor:
         # Through _rows, not encode_tower: under FSDP both are registered forwards of the root, and
         # one must not run inside the other.
-        return self.loss_from_outputs([self._rows(seqs) for seqs in self.towers(batch)], batch)
+        return self.loss_from_outputs(encode_together(self._rows, self.towers(batch)), batch)
 
     def _rows(self, seqs: PackedSequences) -> Tensor:
         pooled = self.backbone(
@@ -51,3 +53,13 @@ class TaskModule(nn.Module):
         x = backbone.embed(stream) if first else received
         x = backbone.run_layers(x, stream, layers)
         return self.rows_from_pooled(backbone.finish(x, stream, self.pooling)) if last else x
+
+
+def encode_together(encode: Callable[[PackedSequences], Tensor], towers: list[PackedSequences]) -> list[Tensor]:
+    """Each tower's rows, from one pass of all towers packed as one stream: the rows a pass per
+    tower gives, with half the layer calls for two towers and taller matmuls (on the demo step,
+    CPU: docs/performance.md, "Profile of the training step")."""
+    if len(towers) == 1:
+        return [encode(towers[0])]
+    rows = encode(PackedSequences.concat(towers))
+    return list(rows.split([seqs.num_seqs for seqs in towers]))

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from engine.config import TrainConfig
+from engine.tasks.base import encode_together
 from engine.tasks.protocol import Task
 from engine.train.grad_cache import grad_cache_step
 from engine.train.pipeline import PipelineSchedule, grad_cache_pipeline_step, plain_pipeline_step
@@ -55,8 +56,8 @@ def select_forward_backward(
 def _plain(autocast):
     def one(task: Task, batch: Any, loss_scale: float) -> float:
         with autocast():
-            # Tower by tower through encode_tower (the FSDP-registered forward), then the loss.
-            outputs = [task.encode_tower(seqs) for seqs in task.towers(batch)]
+            # Every tower in one pass of encode_tower (the FSDP-registered forward), then the loss.
+            outputs = encode_together(task.encode_tower, task.towers(batch))
             loss = task.loss_from_outputs(outputs, batch)
         (loss * loss_scale).backward()
         return float(loss.detach())

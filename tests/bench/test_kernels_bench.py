@@ -1,4 +1,4 @@
-"""bench/kernels.py on a small setting: both InfoNCE methods run in their own processes, and the
+"""bench/kernel_bench.py on a small setting: both InfoNCE methods run in their own processes, and the
 chunked path's peak memory is a fraction of the naive one's already at B = N = 8192 (two tiles),
 the behaviour the B = N = 32768 figure in docs/performance.md rests on."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 def test_kernel_bench_runs_and_the_chunked_infonce_saves_memory():
     env = {**os.environ, "PYTHONPATH": REPO}
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "kernels.py"), "--what", "all",
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "kernel_bench.py"), "--what", "all",
                              "--sizes", "8192", "--dim", "64"], capture_output=True, text=True, timeout=300,
                             cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import itertools
+
 import pytest
 import torch
 
@@ -71,6 +73,8 @@ CASES = [
     ([33], 6, 3, 8),
     ([70, 3, 3, 41, 9], 8, 2, 12),
     ([16, 16, 16], 4, 4, 32),
+    # Longest first (a sorted encode batch): the buckets hold the stream in order, no scatter back.
+    ([70, 41, 9, 3, 3], 8, 2, 12),
 ]
 
 
@@ -133,6 +137,33 @@ def test_buckets_batch_short_sequences_and_isolate_long_ones():
     assert buckets[0] == [0]
     assert sorted(i for b in buckets[1:] for i in b) == list(range(1, 17))  # the empty one is dropped
     assert len(buckets) == 2
+
+
+def _cost(buckets, lengths, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) ** 2 + overhead for b in buckets)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_buckets_are_the_cheapest_contiguous_grouping(seed):
+    # Brute force over every way to cut the sorted lengths into runs: the plan costs no more.
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 300, (9,), generator=gen).tolist()
+    overhead = 20_000
+    ordered = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = min(
+        _cost([ordered[a:b] for a, b in zip((0,) + cuts, cuts + (len(ordered),))], lengths, overhead)
+        for r in range(len(ordered))
+        for cuts in itertools.combinations(range(1, len(ordered)), r)
+    )
+    buckets = plan_buckets(lengths, overhead)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert _cost(buckets, lengths, overhead) == best
+
+
+def test_queries_do_not_pad_to_the_documents():
+    # The demo step's joined towers: 16 queries of 30 tokens and 32 documents of 100.
+    buckets = plan_buckets([30] * 16 + [100] * 32, overhead_pairs=16e6 / (9 * 64))
+    assert [len(b) for b in buckets] == [32, 16]
 
 
 @pytest.mark.parametrize(

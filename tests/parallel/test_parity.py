@@ -14,8 +14,9 @@ pytest process) and in each layout (spawned ranks running the real Trainer). Com
   by up to lr per step; those elements are held to that bound instead. They are few (a few
   per tensor, plus embedding rows of tokens the batch never used, whose gradient is 0).
 The held-out metrics after the steps (evaluation is split over dp ranks) must agree too.
-Context-parallel layouts are held to 3e-5 for gradients and atol 1e-5 for parameters (see
-CP_TOLERANCE for why); losses to the same 1e-5, clip norms to the gradients' 3e-5.
+Context-parallel layouts, and pipelined embedding layouts (each tower its own micro-batch, where
+the single process packs both towers in one stream), are held to 3e-5 for gradients and atol 1e-5
+for parameters (see CP_TOLERANCE for why); losses to the same 1e-5, clip norms to the gradients' 3e-5.
 Layouts: tp 2 and 4 with sequence parallelism on and off (tp 4 with 2 KV heads replicates
 KV heads), dp 2, dp 2 x tp 2; context parallelism: ulysses 2 and 4 (4 repeats the 2 KV heads),
 ring 2 and 4, ring 2 x ulysses 2, tp 2 x ulysses 2, dp 2 x ring 2; and for the embedding task
@@ -329,7 +330,11 @@ ALL_JOBS = [key for world in (2, 4, 8) for key in jobs_for(world)]
 @pytest.mark.parametrize("task,extra,layout", ALL_JOBS, ids=["-".join(p for p in k if p) for k in ALL_JOBS])
 def test_layout_matches_single_process(task, extra, layout, parallel_results, reference):
     ref, got = reference(task, extra), parallel_results[(task, extra, layout)]
-    grad_tol, param_atol = CP_TOLERANCE if extra.startswith("short") else (1e-5, 1e-6)
+    # Pipelined embedding steps encode each tower as its own micro-batch where the single process
+    # packs both towers into one stream (engine/tasks/base.py encode_together): the same per-token
+    # sums in another order, the float32 noise CP_TOLERANCE describes (measured 1.02e-5 on a LoRA B).
+    reordered = extra.startswith("short") or (task == "embedding" and "pp" in layout)
+    grad_tol, param_atol = CP_TOLERANCE if reordered else (1e-5, 1e-6)
     # The clip norm of a step after the first is taken at parameters that AdamW's amplified noise has
     # already moved (see CP_TOLERANCE): it gets the gradients' tolerance (measured: 1.15e-5 at step 2
     # of full-qwen3-short under every context-parallel layout, on an AVX-512 Xeon).

@@ -350,7 +350,7 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, cu_q, cu_k, stride_qt, stride_qh, 
 # - dQ: the mirror image: Q, dO and the dQ accumulator resident, K/V tiles (BLOCK_N 32-64) stream.
 # Candidates that cannot fit shared memory are pruned before compiling. Not yet measured on an
 # H100 (the development machine has no GPU): this is the space the autotuner chooses from, and
-# bench/kernels.py --what attention is where to check what it picks. The key adds the
+# bench/kernel_bench.py --what attention is where to check what it picks. The key adds the
 # power-of-two bucket of the longest sequence, so short packed rows and 32K-token sequences tune
 # separately without retuning at every new max_seqlen.
 

@@ -19,7 +19,7 @@ involve the pool, and `extra_lse` exists for that: terms from outside the pool (
 positive's own logit, the query-query and doc-doc blocks) join inside the log-sum-exp
 rather than through a logaddexp downstream, whose weights would make g vary per query.
 
-Tile height: see TILE_ELEMENTS; bench/kernels.py --what infonce --tiles measures it.
+Tile height: see TILE_ELEMENTS; bench/kernel_bench.py --what infonce --tiles measures it.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch import Tensor
 from engine.kernels.infonce.reference import margin_threshold
 
 # Score elements per tile (rows = TILE_ELEMENTS // N, a 64 MiB float32 block). Measured on the
-# 2-core development VM, float32, d = 1024, forward + backward (bench/kernels.py --tiles),
+# 2-core development VM, float32, d = 1024, forward + backward (bench/kernel_bench.py --tiles),
 # wall seconds / peak memory growth:
 #     TILE_ELEMENTS        2^21          2^22          2^23          2^24          2^25
 #     B = N = 8192     3.05 / 170M   2.76 / 170M   2.85 / 186M   2.76 / 250M        -

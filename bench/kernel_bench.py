@@ -1,10 +1,11 @@
 """Kernel benchmarks (issue 5): each kernel against the naive PyTorch it replaces, time and peak memory.
 
-    python bench/kernels.py --what infonce                 # CPU: B = N in 8192..65536, d = 1024
-    python bench/kernels.py --what infonce --sizes 8192 --repeats 3
-    python bench/kernels.py --what infonce --tiles         # the chunked path's tile-size sweep
-    python bench/kernels.py --what attention              # GPU: triton vs flash_attn, sdpa, naive
-    python bench/kernels.py --what all
+    python bench/kernel_bench.py --what infonce                 # CPU: B = N in 8192..65536, d = 1024
+    python bench/kernel_bench.py --what infonce --sizes 8192 --repeats 3
+    python bench/kernel_bench.py --what infonce --tiles         # the chunked path's tile-size sweep
+    python bench/kernel_bench.py --what infonce --sizes 32768 --methods torch triton   # GPU: the GPU check's row
+    python bench/kernel_bench.py --what attention              # GPU: triton vs flash_attn, sdpa, naive
+    python bench/kernel_bench.py --what all
 
 Times are wall seconds of one forward + backward (CPU seconds beside them: on a shared
 machine they move less with other load). One section per kernel, each a `*_section(args)`
@@ -16,11 +17,14 @@ InfoNCE. Workload: B queries and N = B candidates of width d (float32, unit rows
 query's positive on the diagonal, temperature 0.05, forward + backward of the mean loss.
   naive    logits = (q / tau) @ k.T; F.cross_entropy(logits, positive)   (three B x N tensors at peak)
   chunked  kernels.infonce.info_nce_loss(..., backend="torch").mean()  (row tiles, engine/kernels/infonce/chunked.py)
-  triton   the same with backend="triton" (GPU only)
+  triton   the same with backend="triton" (GPU; on CPU only under TRITON_INTERPRET=1, at toy sizes)
+--methods picks among them (default: naive and chunked on CPU, all three on a GPU). On a GPU the
+warm-up runs at the measured size, since the Triton kernels autotune per (B, N, d).
 Peak memory is the growth of the process's peak RSS (VmHWM, reset just before the step)
 over its RSS with the inputs allocated, on CPU; torch.cuda.max_memory_allocated growth
 on GPU. A naive case is skipped, and said so, when its B x N tensors would not fit in the
-memory the machine has available.
+memory the machine has available. After each size a `figure:` line sums up the methods and
+Triton's time and memory over the chunked path's (bench/gpu/check.sh copies it into its summary).
 """
 from __future__ import annotations
 
@@ -102,7 +106,8 @@ def infonce_case(case: dict) -> dict:
         k = F.normalize(torch.randn(n, dim, generator=g), dim=-1).to(device, dtype).requires_grad_(True)
         return q, k, torch.arange(n, device=device)
 
-    loss_fn(*inputs(256)).backward()  # warm-up: thread pools, kernel compilation, autotuning
+    # Warm-up: thread pools, kernel compilation and, on a GPU, autotuning, which is keyed by the size.
+    loss_fn(*inputs(num if device.type == "cuda" else min(num, 256))).backward()
     q, k, positive = inputs(num)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -133,9 +138,10 @@ def infonce_section(args) -> None:
         infonce_tile_sweep(args)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    methods = ["naive", "triton"] if device == "cuda" else ["naive", "torch"]
+    methods = args.methods or (["naive", "torch", "triton"] if device == "cuda" else ["naive", "torch"])
+    run = infonce_case if args.same_process else run_case
     print(f"InfoNCE, {device}, d = {args.dim}, float32, forward + backward, {args.repeats or 1} run(s) per case "
-          f"(best time shown), each in a fresh process")
+          f"(best time shown), " + ("all in this process" if args.same_process else "each in a fresh process"))
     print(f"{'B = N':>7} | {'method':>7} | {'seconds':>8} | {'CPU s':>7} | {'peak growth':>11} | "
           f"{'vs naive time':>13} | {'vs naive memory':>15}")
     for num in args.sizes:
@@ -147,8 +153,8 @@ def infonce_section(args) -> None:
                     print(f"{num:>7} | {'naive':>7} | skipped: needs ~{need_gib:.0f} GiB for its B x N tensors, "
                           f"more than this machine has available")
                     continue
-            runs = [run_case(dict(kernel="infonce", method=method, size=num, dim=args.dim, dtype="float32",
-                                  device=device)) for _ in range(args.repeats or 1)]
+            runs = [run(dict(kernel="infonce", method=method, size=num, dim=args.dim, dtype="float32",
+                             device=device)) for _ in range(args.repeats or 1)]
             good = [r for r in runs if "error" in r] or [min(runs, key=lambda r: r["seconds"])]
             rows[method] = good[0]
         for method, r in rows.items():
@@ -162,7 +168,29 @@ def infonce_section(args) -> None:
                 ratio_m = f"{r['peak_bytes'] / naive['peak_bytes']:.3f}x"
             print(f"{num:>7} | {method:>7} | {r['seconds']:>8.2f} | {r['cpu_seconds']:>7.1f} | "
                   f"{r['peak_bytes'] / 2**20:>7.0f} MiB | {ratio_t:>13} | {ratio_m:>15}")
+        print(infonce_figure(num, args.dim, device, rows))
         sys.stdout.flush()
+
+
+INFONCE_NAMES = {"naive": "naive", "torch": "chunked", "triton": "triton"}
+
+
+def infonce_figure(num: int, dim: int, device: str, rows: dict) -> str:
+    """One line per size for bench/gpu/check.sh's summary: each method's time and peak growth, and
+    Triton's over the chunked path's (below 1: Triton is faster / smaller)."""
+    card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    parts = []
+    for method, r in rows.items():
+        name = INFONCE_NAMES[method]
+        parts.append(f"{name} failed: {r['error']}" if "error" in r else
+                     f"{name} {r['seconds'] * 1e3:.1f} ms, peak +{r['peak_bytes'] / 2**20:.0f} MiB")
+    good = {m: r for m, r in rows.items() if "error" not in r}
+    if "triton" in good and "torch" in good:
+        triton, chunked = good["triton"], good["torch"]
+        memory = f"{triton['peak_bytes'] / chunked['peak_bytes']:.2f}x" if chunked["peak_bytes"] > 0 else "n/a"
+        parts.append(f"triton/chunked time {triton['seconds'] / chunked['seconds']:.2f}x, memory {memory}")
+    return (f"figure: InfoNCE forward + backward, B = N = {num}, d = {dim}, float32, {card}: "
+            + "; ".join(parts))
 
 
 def infonce_tile_sweep(args) -> None:
@@ -197,6 +225,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per case (InfoNCE: best time kept, default 1; attention: mean, default 5)")
     parser.add_argument("--tiles", action="store_true", help="InfoNCE: sweep the chunked path's tile size instead")
+    parser.add_argument("--methods", nargs="+", choices=["naive", "torch", "triton"],
+                        help="InfoNCE: naive, torch (the chunked path), triton; default naive torch (+ triton on GPU)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="InfoNCE: run every case in this interpreter (quicker; peaks less isolated)")
     add_attention_arguments(parser)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
