@@ -17,7 +17,8 @@ Megatron's analytic volume per transformer layer and step, for a forward pass ov
   with SP:    forward 2 all-gathers + 2 reduce-scatters of T x h, backward the same;
   without SP: forward 2 all-reduces of T x h, backward 2 all-reduces;
   either way 2(t-1)/t x 4 x T h elements, times the bytes of one element.
-The embedding task runs two forward passes per step (queries, documents): their T add up.
+The embedding task runs its two towers (queries, documents) as one forward pass per step
+(engine/tasks/base.py encode_together); with several passes (grad cache) their T add up.
 
 Each collective is put where its forward ran: a decoder layer's activations (the term the
 analytic volume counts), a layer's parameter gradients (norm weights under SP, LoRA, biases,

@@ -3,6 +3,7 @@ a dispatcher.
 
     attention/   varlen attention: PyTorch spec, per-block LSE path, Triton FlashAttention-2, flash-attn
     infonce/     InfoNCE candidate log-sum-exp: whole-matrix spec, chunked PyTorch, Triton
+    lora.py      a LoRA-adapted linear as one autograd node (merged into fp32 weights per call)
     select.py    the run's one choice of backends (config `kernels.*`), checked against the device
 
 Why not a top-level `kernels` package: Hugging Face ships one of that name, and transformers

@@ -71,8 +71,9 @@ class _FusedLoRALinear(torch.autograd.Function):
         scaling = ctx.scaling
         grad = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
-        grad_low_rank = (grad @ lora_b).mul_(scaling)  # (T, r): d loss / d (x A^T)
         grad_x = grad_w = grad_bias = grad_a = grad_lb = None
+        if need_a or (need_x and not ctx.merged):
+            grad_low_rank = (grad @ lora_b).mul_(scaling)  # (T, r): d loss / d (x A^T)
         if need_x and ctx.merged:
             grad_x = (grad @ _merged_weight(weight, lora_a, lora_b, scaling)).view(x.shape)
         elif need_x:

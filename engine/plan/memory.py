@@ -153,11 +153,12 @@ def tokens_per_step(cfg, layout) -> int:
 
 def layer_calls_per_step(cfg, layout) -> int:
     """Forward calls with a graph of each layer per step on one rank (engine/train/schedule.py): one
-    per grad-cache chunk, else one per tower (an embedding's query and document towers) per grad_accum
-    micro-batch. FSDP gathers a layer's weights for each, and again for its backward."""
+    per grad-cache chunk, else one per grad_accum micro-batch (an embedding's query and document
+    towers go through as one stream, engine/tasks/base.py encode_together; a pipeline runs them as
+    two micro-batches). FSDP gathers a layer's weights for each, and again for its backward."""
     if cfg.train.grad_cache:
         return micro_batches_per_pass(cfg, layout)
-    return cfg.train.grad_accum * (2 if cfg.task.type == "embedding" else 1)
+    return cfg.train.grad_accum * (2 if cfg.task.type == "embedding" and layout.pp > 1 else 1)
 
 
 def defers_gradient_reduction(cfg, layout) -> bool:

@@ -1,7 +1,8 @@
 """What every task is to the trainer, the schedules, evaluation and FSDP: a contract, not duck typing.
 
-A batch is encoded tower by tower (an embedding task has a query and a document tower, a reranker
-one tower of pairs); each tower's output is one row per sequence (a pooled vector, a score); the
+A batch is made of towers (an embedding task has a query and a document tower, a reranker one
+tower of pairs), encoded together as one packed stream or one by one (engine/tasks/base.py
+encode_together); each tower's output is one row per sequence (a pooled vector, a score); the
 loss is computed from all towers' outputs at once. Schedules rely on exactly that split: GradCache
 caches the outputs' gradient and replays encode_tower chunk by chunk, a pipeline runs encode_tower's
 backbone across stages, and FSDP gathers the root's parameters around encode_tower.

@@ -240,3 +240,21 @@ def test_lazy_backends_import_on_first_use_and_unknown_names_fail_clearly(privat
         attention(q, k, v, cu_seqlens=cu, max_seqlen=5, causal=True, backend="missing_for_test")
     with pytest.raises(UnknownBackendError, match="unknown attention backend 'nope'.*torch"):
         set_default_backend("nope")
+
+
+def test_a_plan_made_under_inference_mode_serves_training():
+    # Plans are cached per stream: one first made inside torch.inference_mode() (an encode) must not
+    # hand inference tensors to a later pass that saves them for backward.
+    q, k, v, cu = make_inputs([5, 3, 3], 4, 2, 8)
+    with torch.inference_mode():
+        attention_reference(q, k, v, cu_seqlens=cu, max_seqlen=5, causal=True)
+    q.requires_grad_(True)
+    attention_reference(q, k, v, cu_seqlens=cu, max_seqlen=5, causal=True).sum().backward()
+    assert q.grad is not None
+
+
+def test_many_distinct_lengths_plan_on_a_coarser_grid():
+    lengths = list(range(1, 5001))  # 5,000 distinct lengths: exact planning would take seconds
+    buckets = plan_buckets(lengths, overhead_pairs=28_000)
+    assert sorted(i for b in buckets for i in b) == list(range(5000))
+    assert all(lengths[b[0]] == max(lengths[i] for i in b) for b in buckets)  # longest first in each
