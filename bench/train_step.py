@@ -4,6 +4,7 @@
     python bench/train_step.py --ablation      # Ember alone, each step optimisation undone in turn
     python bench/train_step.py --profile       # Ember alone: where a step's time goes (torch.profiler)
     python bench/train_step.py --profile --undone   # ... as it went before the optimisations below
+    python bench/train_step.py --host-memory   # Ember alone, glibc's malloc as it comes vs tuned
 
 Ember: packed sequences (cu_seqlens, no padding), LoRA r=16 on every projection, mean pooling,
 InfoNCE over 1 positive + 1 hard negative per query plus in-batch candidates.
@@ -16,6 +17,9 @@ same batch: all undone (the towers encoded one pass each, LoRA as five autograd 
 greedy bucket rule re-planned in every layer), then each restored in turn, so every line's
 difference from the one above is that optimisation's gain. --profile sorts one step's
 torch.profiler operator time into matmuls, attention, element-wise and indexing work.
+--host-memory times Ember's step in fresh processes, with EMBER_KEEP_FREED_MEMORY=0 (glibc's
+malloc as it comes) and without (engine/host_memory.py), in turn for --rounds rounds, and prints
+each one's s/step, minor page faults and system CPU time per step.
 Needs the demo assets (`python launch/prepare_demo.py`).
 """
 from __future__ import annotations
@@ -120,6 +124,9 @@ OPTIMISATIONS = [
      [("engine.kernels.lora", "MERGE_DTYPES", ())]),
     ("exact attention buckets, planned once per stream (reference.py plan_buckets)",
      [("engine.kernels.attention.reference", "plan_buckets", greedy_buckets)]),
+    ("RMSNorm and rotary embedding as one autograd node each (engine/model/norm.py, rope.py)",
+     [("engine.model.norm", "rms_norm", "engine.model.norm:rms_norm_reference"),
+      ("engine.model.attention", "apply_rotary", "engine.model.rope:apply_rotary_reference")]),
 ]
 
 
@@ -177,7 +184,37 @@ def profile_step(step) -> None:
     print(f"operator self time of one step: {everything:.2f} s (profiled, so slower than the timed step)")
     for group, seconds in totals.items():
         print(f"  {group:52s} {seconds:6.2f} s  {seconds / everything:5.1%}")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def host_memory_comparison(args) -> None:
+    import json
+    import subprocess
+
+    print(f"{'':40s} s/step  page faults/step  system CPU s/step")
+    for round_index in range(args.rounds):
+        for keep in ("0", "1"):
+            env = {**os.environ, "EMBER_KEEP_FREED_MEMORY": keep}
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--batch", str(args.batch),
+                                  "--steps", str(args.steps), "--ember-only"],
+                                 capture_output=True, text=True, env=env, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            label = f"round {round_index + 1}: " + ("malloc as it comes" if keep == "0" else "freed memory kept")
+            print(f"{label:40s} {r['seconds']:6.2f}  {r['faults']:16,.0f}  {r['system_seconds']:17.2f}", flush=True)
+
+
+def ember_only(step, steps: int) -> None:
+    """Time Ember's step; print one JSON line: s/step, minor page faults and system CPU s per step."""
+    import json
+    import resource
+
+    step()  # warm-up
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": seconds / steps, "faults": (after.ru_minflt - before.ru_minflt) / steps,
+                      "system_seconds": (after.ru_stime - before.ru_stime) / steps}))
 
 
 def main() -> None:
@@ -187,7 +224,13 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="Ember alone, each optimisation undone in turn")
     parser.add_argument("--profile", action="store_true", help="Ember alone: one step's time by operator group")
     parser.add_argument("--undone", action="store_true", help="with --profile: the step before issue 12's changes")
+    parser.add_argument("--host-memory", action="store_true",
+                        help="Ember alone, glibc's malloc as it comes vs tuned (engine/host_memory.py), fresh processes")
+    parser.add_argument("--rounds", type=int, default=2, help="with --host-memory: rounds of the two runs")
+    parser.add_argument("--ember-only", action="store_true", help=argparse.SUPPRESS)  # --host-memory's child
     args = parser.parse_args()
+    if args.host_memory:
+        return host_memory_comparison(args)
 
     cfg, yaml = compose(["+exp=demo", f"train.batch_size={args.batch}", "train.output_dir=outputs/bench",
                          "train.tensorboard=false", "data.eval="])
@@ -199,6 +242,8 @@ def main() -> None:
         trainer.step = 0  # the same batch every time, as the peer
         trainer.train_step()
 
+    if args.ember_only:
+        return ember_only(ember_step, args.steps)
     backbone = trainer.model.backbone
     dense = sum(p.numel() for n, p in backbone.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
     # Frozen weights: forward 2*N*T plus the input-gradient half of the backward, 2*N*T.

@@ -82,7 +82,9 @@ def _read_tensor(path: str, name: str) -> torch.Tensor:
 
 def _load(path: str, task_type: str, overrides: dict):
     from engine.build import resolve_device
+    from engine.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # every encode batch frees and reallocates the same activations
     device = resolve_device(overrides.pop("device", "auto"))
     dtype = overrides.pop("dtype", torch.float32)
     task_cfg, data_cfg, causal = _configs(path, task_type, overrides)

@@ -72,7 +72,52 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (T, heads, head_dim) rotated by cos/sin (T, head_dim)."""
+def apply_rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The spec, transformers' apply_rotary_pos_emb: x (T, heads, head_dim) rotated by cos/sin (T, head_dim)."""
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_rotary_reference's value and gradient as one autograd node, without rotate_half's
+    negated copy and concatenation: x cos, then each half's sin term added in place (three passes
+    over x where the spec takes five, and the same in the backward). The forward's values are the
+    spec's, bit for bit.
+    cos and sin come from positions and take no gradient."""
+    if cos.requires_grad or sin.requires_grad:
+        return apply_rotary_reference(x, cos, sin)
+    return _Rotary.apply(x, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x cos + rotate_half(x) sin, with cos/sin (T, 1, head_dim) broadcast over heads."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    # A product, then a subtract/add, not addcmul_: its fused multiply-add rounds once where
+    # transformers rounds twice, and the forward is theirs bit for bit.
+    out[..., :half].sub_(x[..., half:] * sin[..., :half])
+    out[..., half:].add_(x[..., :half] * sin[..., half:])
+    return out
+
+
+def _rotate_transposed(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The gradient of _rotate: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 give
+    dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1."""
+    half = grad.shape[-1] // 2
+    out = grad * cos
+    out[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+    out[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate_transposed(grad_out, cos, sin), None, None

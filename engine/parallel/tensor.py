@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from engine.kernels.lora import lora_linear
 from engine.model.lora import LoRALinear
-from engine.model.norm import RMSNorm
+from engine.model.norm import RMSNorm, rms_norm
 from engine.parallel.collectives import (
     all_gather_rows,
     all_gather_with_grad,
@@ -302,9 +302,7 @@ class ParallelRMSNorm(RMSNorm):
         weight = local(self.weight)
         if self.sum_grads:
             weight = copy_to_tp(weight, self.group)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(x.dtype)
+        return rms_norm(x, weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sum_grads={self.sum_grads}"

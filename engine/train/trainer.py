@@ -51,6 +51,7 @@ from engine.parallel.progress import Progress
 from engine.train.faults import fault_point
 from engine.train.pipeline import PipelineSchedule
 from engine.train.schedule import select_forward_backward
+from engine.host_memory import keep_freed_memory
 
 
 class TrainingAborted(RuntimeError):
@@ -101,6 +102,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        keep_freed_memory()  # every step frees and reallocates the same activations
         self.autocast_dtype = autocast_dtype(cfg.model, self.device)
         self.kernels = select_kernels(cfg.kernels, self.device)
         # A bad or conflicting resume request fails before any data or model is loaded.

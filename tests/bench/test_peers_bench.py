@@ -72,3 +72,15 @@ def test_a_recipe_the_peers_do_not_share_fails_the_check(tmp_path, capsys, monke
                           "--override", "task.pooling=last")
     assert isinstance(code, str) and "equal-loss check failed" in code, (code, out)
     assert "hf_peft" in code and "| faq |" not in out  # no timing table after a failed check
+
+
+def test_rounds_run_every_system_again_and_keep_its_fastest(tmp_path, capsys, monkeypatch, tiny_assets):
+    out_file = tmp_path / "peers.json"
+    code, out = run_peers(capsys, monkeypatch, tmp_path, *tiny_assets, "--systems", "ember", "hf_peft",
+                          "--rounds", "2", "--out", str(out_file))
+    assert code == 0, out
+    results = json.loads(out_file.read_text())["results"]
+    assert [r["system"] for r in results] == ["ember", "hf_peft"]  # one row per system, not per round
+    for r in results:
+        assert len(r["seconds_per_round"]) == 2 and r["seconds"] == min(r["seconds_per_round"])
+    assert "ember (round 2):" in out and "hf_peft (round 2):" in out

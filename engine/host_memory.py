@@ -1,0 +1,51 @@
+"""Host memory: keep what a step frees in the process, so the next step does not fault it in again.
+
+A training step allocates and frees the same large activations every time (on the demo step:
+(2,381, 1,536) fp32 tensors of 14.6 MB, hundreds per step). glibc's malloc serves blocks above its
+mmap threshold with a fresh mmap and unmaps them on free, so every step faults in every page again
+(650,000 minor faults and 1.5 s of system time per 6 s step on the development VM, where a page
+fault costs the most: it is a virtual machine). Raising the threshold to glibc's maximum (32 MiB on
+64-bit) and never trimming the heap's top turns them into reuse: 11,000 faults, and the step
+5.9 s instead of 6.4-8.3 s (docs/performance.md, "Host memory"). The price: the process keeps
+its peak heap until it exits, which a training or encoding process reaches anyway.
+
+Only glibc has mallopt; elsewhere (macOS, musl) this does nothing. Results do not change.
+`EMBER_KEEP_FREED_MEMORY=0` in the environment leaves malloc as it is (a process that must hand
+memory back between bursts of work; and the benches' before/after).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
+TOP_PAD_BYTES = 64 << 20  # grow the heap in steps of this much more than asked
+TRIM_THRESHOLD_BYTES = 2**31 - 1  # (an int) keep up to 2 GiB free at the heap's top
+
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc once per process as above; True when it took effect."""
+    global _kept
+    if _kept:
+        return True
+    if os.environ.get("EMBER_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    _kept = all(libc.mallopt(option, value) == 1 for option, value in (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+        (_M_TOP_PAD, TOP_PAD_BYTES)))
+    return _kept
