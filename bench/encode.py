@@ -232,6 +232,10 @@ def run_here(case: dict) -> dict:
 def start_case(case: dict) -> subprocess.Popen:
     """One system in a fresh interpreter; its last stdout line will be the JSON result."""
     env = {**os.environ, "PYTHONPATH": REPO}
+    if case["system"] == "ember":
+        from engine.host_memory import request_huge_pages
+
+        request_huge_pages(env)  # Ember's environment, as its launch scripts set it (engine/host_memory.py)
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 

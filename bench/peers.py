@@ -65,6 +65,8 @@ REPO = os.path.dirname(HERE)
 # import (a bench/kernels.py against Hugging Face's `kernels`) would shadow it.
 sys.path[:] = [REPO] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
+from engine.host_memory import request_huge_pages  # noqa: E402
+
 SYSTEMS = ["ember", "ember_grad_cache", "st_mnrl", "st_cached_mnrl", "hf_peft"]
 LOSS_TOLERANCE = 1e-4
 LONG_DOC_TOKENS = (512, 2048)
@@ -355,7 +357,7 @@ def build_system(name: str, shared: dict):
 
 def run_system(case: dict) -> dict:
     """Build one system, take the warm-up step (its loss is the check) and time case['steps'] more."""
-    shared = torch.load(case["batch_file"], weights_only=False)
+    shared = torch.load(case["batch_file"], weights_only=True)
     shared["model_path"] = case["model"]
     step, padded = build_system(case["system"], shared)
     setup_peak = status_bytes("VmHWM:")
@@ -376,6 +378,8 @@ def run_case(case: dict, in_process: bool) -> dict:
     if in_process:  # tests: every system in this interpreter, so no peak of its own
         return {**run_system(case), "peak_rss_steps": None, "peak_rss_process": None}
     env = {**os.environ, "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
+    if case["system"].startswith("ember"):
+        request_huge_pages(env)  # Ember's environment, as its launch scripts set it (engine/host_memory.py)
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)],
                             capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
@@ -498,7 +502,7 @@ def main() -> None:
                                    lines=max(64, *batches))
         for batch in batches:
             batch_file = prepare(args, mix, batch, data)
-            shared = torch.load(batch_file, weights_only=False)
+            shared = torch.load(batch_file, weights_only=True)
             print(f"{mix}, batch {batch}: {batch} queries x (1 positive + {shared['group_size'] - 1} hard negative), "
                   f"{shared['real_tokens']} real tokens")
             runs: dict[str, list[dict]] = {system: [] for system in args.systems}

@@ -4,7 +4,7 @@
     python bench/train_step.py --ablation      # Ember alone, each step optimisation undone in turn
     python bench/train_step.py --profile       # Ember alone: where a step's time goes (torch.profiler)
     python bench/train_step.py --profile --undone   # ... as it went before the optimisations below
-    python bench/train_step.py --host-memory   # Ember alone, glibc's malloc as it comes vs tuned
+    python bench/train_step.py --host-memory   # Ember alone: host memory as it comes, kept, huge pages
 
 Ember: packed sequences (cu_seqlens, no padding), LoRA r=16 on every projection, mean pooling,
 InfoNCE over 1 positive + 1 hard negative per query plus in-batch candidates.
@@ -17,9 +17,11 @@ same batch: all undone (the towers encoded one pass each, LoRA as five autograd 
 greedy bucket rule re-planned in every layer), then each restored in turn, so every line's
 difference from the one above is that optimisation's gain. --profile sorts one step's
 torch.profiler operator time into matmuls, attention, element-wise and indexing work.
---host-memory times Ember's step in fresh processes, with EMBER_KEEP_FREED_MEMORY=0 (glibc's
-malloc as it comes) and without (engine/host_memory.py), in turn for --rounds rounds, and prints
-each one's s/step, minor page faults and system CPU time per step.
+--host-memory times Ember's step in fresh processes, in turn for --rounds rounds: glibc's malloc
+and torch's allocator as they come (EMBER_KEEP_FREED_MEMORY=0 THP_MEM_ALLOC_ENABLE=0), the heap
+kept (engine/host_memory.py keep_freed_memory), and huge pages on top (request_huge_pages, the
+default of the launch scripts); it prints each one's s/step, minor page faults, system CPU time
+per step and peak RSS.
 Needs the demo assets (`python launch/prepare_demo.py`).
 """
 from __future__ import annotations
@@ -30,10 +32,14 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.host_memory import request_huge_pages  # noqa: E402
+
+request_huge_pages()  # as launch/train.py: before torch is imported (both systems of this process get it)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from engine.cli import compose  # noqa: E402
 from engine.losses import info_nce  # noqa: E402
@@ -187,20 +193,26 @@ def profile_step(step) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
+HOST_MEMORY_SETTINGS = [  # (label, environment)
+    ("malloc and torch's allocator as they come", {"EMBER_KEEP_FREED_MEMORY": "0", "THP_MEM_ALLOC_ENABLE": "0"}),
+    ("+ freed memory kept (keep_freed_memory)", {"EMBER_KEEP_FREED_MEMORY": "1", "THP_MEM_ALLOC_ENABLE": "0"}),
+    ("+ huge pages (request_huge_pages)", {"EMBER_KEEP_FREED_MEMORY": "1", "THP_MEM_ALLOC_ENABLE": "1"}),
+]
+
+
 def host_memory_comparison(args) -> None:
     import json
     import subprocess
 
-    print(f"{'':40s} s/step  page faults/step  system CPU s/step")
+    print(f"{'':52s} s/step  page faults/step  system CPU s/step  peak RSS")
     for round_index in range(args.rounds):
-        for keep in ("0", "1"):
-            env = {**os.environ, "EMBER_KEEP_FREED_MEMORY": keep}
+        for label, settings in HOST_MEMORY_SETTINGS:
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--batch", str(args.batch),
                                   "--steps", str(args.steps), "--ember-only"],
-                                 capture_output=True, text=True, env=env, check=True).stdout
+                                 capture_output=True, text=True, env={**os.environ, **settings}, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            label = f"round {round_index + 1}: " + ("malloc as it comes" if keep == "0" else "freed memory kept")
-            print(f"{label:40s} {r['seconds']:6.2f}  {r['faults']:16,.0f}  {r['system_seconds']:17.2f}", flush=True)
+            print(f"round {round_index + 1}: {label:43s} {r['seconds']:6.2f}  {r['faults']:16,.0f}  "
+                  f"{r['system_seconds']:17.2f}  {r['peak_rss_mib']:,.0f} MiB", flush=True)
 
 
 def ember_only(step, steps: int) -> None:
@@ -214,7 +226,8 @@ def ember_only(step, steps: int) -> None:
         step()
     seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": seconds / steps, "faults": (after.ru_minflt - before.ru_minflt) / steps,
-                      "system_seconds": (after.ru_stime - before.ru_stime) / steps}))
+                      "system_seconds": (after.ru_stime - before.ru_stime) / steps,
+                      "peak_rss_mib": after.ru_maxrss / 1024}))
 
 
 def main() -> None:
@@ -225,7 +238,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="Ember alone: one step's time by operator group")
     parser.add_argument("--undone", action="store_true", help="with --profile: the step before issue 12's changes")
     parser.add_argument("--host-memory", action="store_true",
-                        help="Ember alone, glibc's malloc as it comes vs tuned (engine/host_memory.py), fresh processes")
+                        help="Ember alone, host memory as it comes vs kept vs huge pages (engine/host_memory.py)")
     parser.add_argument("--rounds", type=int, default=2, help="with --host-memory: rounds of the two runs")
     parser.add_argument("--ember-only", action="store_true", help=argparse.SUPPRESS)  # --host-memory's child
     args = parser.parse_args()

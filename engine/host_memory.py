@@ -9,6 +9,14 @@ fault costs the most: it is a virtual machine). Raising the threshold to glibc's
 5.9 s instead of 6.4-8.3 s (docs/performance.md, "Host memory"). The price: the process keeps
 its peak heap until it exits, which a training or encoding process reaches anyway.
 
+Huge pages: `request_huge_pages()`, called by the launch scripts before torch is imported, sets
+THP_MEM_ALLOC_ENABLE=1 (unless the environment says otherwise), which makes torch's CPU allocator
+place blocks of 2 MiB and more on 2 MiB pages (madvise(MADV_HUGEPAGE); the kernel's
+transparent_hugepage setting must be `madvise` or `always`). Torch reads it once, at its first
+allocation, so a program that uses the Python API sets it in its own environment. On the demo
+step, with the heap kept: 30,000 -> 1,400 page faults per step, 0.55 -> 0.11 s of system time,
+6.1-6.2 -> 5.7-5.8 s per step and 4.9 -> 4.6 GB peak RSS (fewer page-table pages and TLB misses).
+
 Only glibc has mallopt; elsewhere (macOS, musl) this does nothing. Results do not change.
 `EMBER_KEEP_FREED_MEMORY=0` in the environment leaves malloc as it is (a process that must hand
 memory back between bursts of work; and the benches' before/after).
@@ -29,7 +37,19 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE /
 TOP_PAD_BYTES = 64 << 20  # grow the heap in steps of this much more than asked
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # (an int) keep up to 2 GiB free at the heap's top
 
+# torch's CPU allocator: 2 MiB-aligned blocks on transparent huge pages for allocations >= 2 MiB.
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+
 _kept = False
+
+
+def request_huge_pages(env: dict | None = None) -> dict:
+    """Ask torch for huge pages (see above) in `env` (default: this process's environment, which
+    works only before torch's first allocation, so before `import torch`; a child process's
+    environment otherwise). An explicit THP_MEM_ALLOC_ENABLE already there wins. Returns env."""
+    env = os.environ if env is None else env
+    env.setdefault(HUGE_PAGES_ENV, "1")
+    return env
 
 
 def keep_freed_memory() -> bool:

@@ -15,6 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.host_memory import request_huge_pages  # noqa: E402
+
+request_huge_pages()  # before torch is imported: torch reads it at its first allocation
+
 from engine.cli import compose, rank_prefix, run_cli  # noqa: E402
 from engine.config import ConfigError, validate  # noqa: E402
 

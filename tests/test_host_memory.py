@@ -1,5 +1,7 @@
 """engine/host_memory.py: with glibc's malloc tuned, the steps of a training loop reuse the memory the
-steps before them freed instead of faulting pages in again."""
+steps before them freed instead of faulting pages in again; with huge pages requested before torch is
+imported, torch's tensors sit on 2 MiB pages."""
+import os
 import platform
 import subprocess
 import sys
@@ -42,3 +44,38 @@ def test_steps_reuse_freed_memory_instead_of_faulting_it_in():
     default, kept = _faults_after_warm_up("default"), _faults_after_warm_up("keep")
     # Measured (glibc 2.36): default 60,000-120,000 faults over the 10 steps, kept 0-8,000.
     assert kept * 4 < default, (default, kept)
+
+
+# A fresh process: request huge pages (or not) before importing torch, fill a 64 MiB tensor, print
+# the process's anonymous memory on huge pages (kB).
+_HUGE = """
+import sys
+from engine.host_memory import request_huge_pages
+if sys.argv[1] == "request":
+    request_huge_pages()
+import torch
+x = torch.ones(16 << 20)
+with open("/proc/self/smaps_rollup") as f:
+    print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")))
+"""
+
+
+def _huge_page_kb(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", _HUGE, mode], capture_output=True, text=True, check=True, env=env)
+    return int(out.stdout.split()[-1])
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except OSError:
+        return "absent"
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="the kernel offers no transparent huge pages")
+def test_requested_huge_pages_hold_torch_tensors():
+    assert _huge_page_kb("request") >= 32 << 10  # at least half of the 64 MiB tensor on 2 MiB pages
+    if _thp_mode() == "madvise":  # only what asks for them gets them
+        assert _huge_page_kb("default") < 8 << 10
