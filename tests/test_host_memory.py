@@ -79,3 +79,24 @@ def test_requested_huge_pages_hold_torch_tensors():
     assert _huge_page_kb("request") >= 32 << 10  # at least half of the 64 MiB tensor on 2 MiB pages
     if _thp_mode() == "madvise":  # only what asks for them gets them
         assert _huge_page_kb("default") < 8 << 10
+
+
+# A fresh process loads a launch script (its module top: imports, not main) and then fills a 64 MiB
+# tensor: the script must have asked for huge pages before its imports brought torch in.
+_LAUNCH = """
+import runpy, sys
+runpy.run_path(sys.argv[1], run_name="loaded")
+import torch
+x = torch.ones(16 << 20)
+with open("/proc/self/smaps_rollup") as f:
+    print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")))
+"""
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="the kernel offers no transparent huge pages")
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_launch_scripts_ask_for_huge_pages_before_torch_is_imported(script):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", script)
+    out = subprocess.run([sys.executable, "-c", _LAUNCH, path], capture_output=True, text=True, check=True, env=env)
+    assert int(out.stdout.split()[-1]) >= 32 << 10

@@ -35,7 +35,10 @@ class _RMSNorm(torch.autograd.Function):
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        normed = (x32 * rstd).to(x.dtype)
+        if weight.dtype == normed.dtype:  # the product's own buffer: one (tokens, hidden) tensor fewer
+            return normed.mul_(weight)
+        return weight * normed
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
