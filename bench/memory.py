@@ -37,6 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.parallel.spawn import spawn_ranks  # noqa: E402
 
+# The trainer keeps freed host memory in the process (engine/host_memory.py), so its resident
+# memory would be the high-water mark of everything before the step (loading included), not the
+# step's own peak that a GPU allocator's counter reports and the model predicts: measured with
+# malloc as it comes. The ranks inherit it.
+os.environ["EMBER_KEEP_FREED_MEMORY"] = "0"
+
 MiB = 2**20
 MODEL = ["model=tiny", "model.hidden_size=256", "model.intermediate_size=704", "model.num_layers=4",
          "model.num_heads=8", "model.num_kv_heads=4", "model.tie_word_embeddings=false"]

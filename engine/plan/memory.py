@@ -191,13 +191,14 @@ def layer_saved_bytes_per_token(args, precision: Precision, layout, *, sequence_
     if recompute == "full":
         return precision.stream * stream
     f32, c = 4, precision.compute
-    # Each RMSNorm (engine/model/norm.py): its fp32 input and the normed value at the stream's width;
-    # its output as the projections read it (gathered to the whole hidden size under sequence
-    # parallelism): one tensor shared by q, k, v (gate, up), except under autocast, whose bf16 cast
-    # of an activation is made, and kept, by each projection apart.
-    norms = 2 * (f32 + precision.stream) * stream
+    # Each RMSNorm (engine/model/norm.py, one autograd node): its input as it comes, at the stream's
+    # width (the fp32 copy and the normed value are recomputed in its backward); its output as the
+    # projections read it (gathered to the whole hidden size under sequence parallelism): one tensor
+    # shared by q, k, v (gate, up), except under autocast, whose bf16 cast of an activation is made,
+    # and kept, by each projection apart.
+    norms = 2 * precision.stream * stream
     entries = c * h * ((3 + 2) if precision.compute < precision.weights else 2)
-    qk_norm = (f32 + c) * (q + kv) if args.qk_norm else 0
+    qk_norm = c * (q + kv) if args.qk_norm else 0
     attention = c * (q + 2 * kv) + c * q  # the kernel's q, k (after RoPE), v, and its output (o_proj's input)
     mlp = 4 * c * i  # gate, silu(gate), up, and their product (down_proj's input)
     kernel = c * attention_keeps if recompute == "none" else 0
