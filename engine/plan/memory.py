@@ -190,7 +190,7 @@ def layer_saved_bytes_per_token(args, precision: Precision, layout, *, sequence_
     stream = h / tp if (sequence_parallel and tp > 1) else h  # the residual stream's share per token
     if recompute == "full":
         return precision.stream * stream
-    f32, c = 4, precision.compute
+    c = precision.compute
     # Each RMSNorm (engine/model/norm.py, one autograd node): its input as it comes, at the stream's
     # width (the fp32 copy and the normed value are recomputed in its backward); its output as the
     # projections read it (gathered to the whole hidden size under sequence parallelism): one tensor
@@ -282,7 +282,7 @@ def plan_stage_memory(cfg, args, layout, *, device: str | None = None) -> list[S
     if cfg.train.recompute == "full":  # one layer's whole set, rebuilt inside its backward
         recomputed_layer = tokens * layer_saved_bytes_per_token(args, precision, layout, sequence_parallel=sp,
                                                                 recompute="none", attention_keeps=keeps)
-    final_norm = tokens * (4 * stream + precision.stream * stream + precision.compute * h)
+    final_norm = tokens * (precision.stream * stream + precision.compute * h)
     # The backward's working set, as an upper bound: the gradients of one layer's activations, four at
     # the MLP width and two at the hidden width (autograd frees each node's saved tensors as it runs,
     # so fewer are alive at once: bench/memory.py's tensor peaks come out below the plan). Tensor

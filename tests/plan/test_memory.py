@@ -40,7 +40,7 @@ def test_reranker_70b_plan_matches_hand_computed_terms():
     # recompute=full: each layer keeps its input (bf16, the residual stream split over tp by sequence
     # parallelism) for every micro-batch 1F1B keeps in flight (2 on the first stage, 1 on the last),
     # and one layer is recomputed whole. Per token of that layer:
-    norm = 4 * h / 8 + 2 * h / 8 + 2 * h  # fp32 input, normed value, gathered output
+    norm = 2 * h / 8 + 2 * h  # its input (recomputed to fp32 and normed in its backward), gathered output
     attention = 2 * (q / 8 + 2 * kv / 8) + 2 * q / 8  # q, k, v after RoPE; the kernel's output
     mlp = 4 * 2 * ffn / 8
     # flash keeps its LSE (a float per head); under Ulysses its output is the head-split one (another
@@ -48,7 +48,7 @@ def test_reranker_70b_plan_matches_hand_computed_terms():
     kernel = 2 * (64 / 8 + q / 8 + 2 * 3 * 128)
     recomputed = tokens * (2 * norm + attention + mlp + kernel)
     assert stage0.activations == pytest.approx(2 * 40 * 2 * tokens * h / 8 + recomputed)
-    final_norm = tokens * (4 * h / 8 + 2 * h / 8 + 2 * h)
+    final_norm = tokens * (2 * h / 8 + 2 * h)
     assert stage1.activations == pytest.approx(1 * 40 * 2 * tokens * h / 8 + recomputed + final_norm)
     # The summary is the heaviest stage: the first, whose two micro-batches in flight outweigh the head.
     assert plan.heaviest is stage0 and plan.total == stage0.total
@@ -61,9 +61,9 @@ def test_sequence_parallelism_splits_only_the_residual_stream():
                                        compose(overrides + ["parallel.sequence_parallel=false"])[0]))
     cfg = compose(overrides)[0]
     h, tokens = 4096, tokens_per_microbatch(cfg, Layout(tp=4, dp=2))
-    # Two norms per layer keep their fp32 input and normed value at h/tp instead of h (bf16 run).
-    per_layer = 2 * (4 + 2) * (h - h / 4) * tokens
-    assert without_sp.heaviest.activations - with_sp.heaviest.activations == pytest.approx(36 * per_layer + (4 + 2) * (h - h / 4) * tokens)
+    # Two norms per layer (and the final one) keep their bf16 input at h/tp instead of h.
+    per_layer = 2 * 2 * (h - h / 4) * tokens
+    assert without_sp.heaviest.activations - with_sp.heaviest.activations == pytest.approx(36 * per_layer + 2 * (h - h / 4) * tokens)
 
 
 def test_tokens_per_microbatch_splits_the_batch_over_dp_but_not_a_grad_cache_chunk():
