@@ -216,7 +216,7 @@ def host_memory_comparison(args) -> None:
 
 
 def ember_only(step, steps: int) -> None:
-    """Time Ember's step; print one JSON line: s/step, minor page faults and system CPU s per step."""
+    """Time Ember's step; print one JSON line: s/step, minor page faults and system CPU s per step, peak RSS."""
     import json
     import resource
 
@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--undone", action="store_true", help="with --profile: the step before issue 12's changes")
     parser.add_argument("--host-memory", action="store_true",
                         help="Ember alone, host memory as it comes vs kept vs huge pages (engine/host_memory.py)")
-    parser.add_argument("--rounds", type=int, default=2, help="with --host-memory: rounds of the two runs")
+    parser.add_argument("--rounds", type=int, default=2, help="with --host-memory: rounds of the three settings")
     parser.add_argument("--ember-only", action="store_true", help=argparse.SUPPRESS)  # --host-memory's child
     args = parser.parse_args()
     if args.host_memory:

@@ -5,17 +5,18 @@ A training step allocates and frees the same large activations every time (on th
 mmap threshold with a fresh mmap and unmaps them on free, so every step faults in every page again
 (650,000 minor faults and 1.5 s of system time per 6 s step on the development VM, where a page
 fault costs the most: it is a virtual machine). Raising the threshold to glibc's maximum (32 MiB on
-64-bit) and never trimming the heap's top turns them into reuse: 11,000 faults, and the step
-5.9 s instead of 6.4-8.3 s (docs/performance.md, "Host memory"). The price: the process keeps
-its peak heap until it exits, which a training or encoding process reaches anyway.
+64-bit) and never trimming the heap's top turns most of them into reuse (`bench/train_step.py
+--host-memory`: 294,000-332,000 -> 35,000-44,000 faults per step, 7.5-7.9 -> 6.7-6.8 s per step;
+docs/performance.md, "Host memory"). The price: the process keeps its peak heap until it exits,
+which a training or encoding process reaches anyway.
 
 Huge pages: `request_huge_pages()`, called by the launch scripts before torch is imported, sets
 THP_MEM_ALLOC_ENABLE=1 (unless the environment says otherwise), which makes torch's CPU allocator
 place blocks of 2 MiB and more on 2 MiB pages (madvise(MADV_HUGEPAGE); the kernel's
 transparent_hugepage setting must be `madvise` or `always`). Torch reads it once, at its first
 allocation, so a program that uses the Python API sets it in its own environment. On the demo
-step, with the heap kept: 30,000 -> 1,400 page faults per step, 0.55 -> 0.11 s of system time,
-6.1-6.2 -> 5.7-5.8 s per step and 4.9 -> 4.6 GB peak RSS (fewer page-table pages and TLB misses).
+step, with the heap kept: 35,000-44,000 -> 1,600-1,700 page faults per step, 6.7-6.8 -> 6.5 s per
+step and 4.8 -> 4.5 GiB peak RSS (fewer page-table pages and TLB misses).
 
 Only glibc has mallopt; elsewhere (macOS, musl) this does nothing. Results do not change.
 `EMBER_KEEP_FREED_MEMORY=0` in the environment leaves malloc as it is (a process that must hand

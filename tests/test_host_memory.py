@@ -48,16 +48,18 @@ def test_steps_reuse_freed_memory_instead_of_faulting_it_in():
 
 # A fresh process: request huge pages (or not) before importing torch, fill a 64 MiB tensor, print
 # the process's anonymous memory on huge pages (kB).
-_HUGE = """
-import sys
-from engine.host_memory import request_huge_pages
-if sys.argv[1] == "request":
-    request_huge_pages()
+_PRINT_HUGE_PAGE_KB = """
 import torch
 x = torch.ones(16 << 20)
 with open("/proc/self/smaps_rollup") as f:
     print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")))
 """
+_HUGE = """
+import sys
+from engine.host_memory import request_huge_pages
+if sys.argv[1] == "request":
+    request_huge_pages()
+""" + _PRINT_HUGE_PAGE_KB
 
 
 def _huge_page_kb(mode: str) -> int:
@@ -86,11 +88,7 @@ def test_requested_huge_pages_hold_torch_tensors():
 _LAUNCH = """
 import runpy, sys
 runpy.run_path(sys.argv[1], run_name="loaded")
-import torch
-x = torch.ones(16 << 20)
-with open("/proc/self/smaps_rollup") as f:
-    print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")))
-"""
+""" + _PRINT_HUGE_PAGE_KB
 
 
 @pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="the kernel offers no transparent huge pages")
