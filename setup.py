@@ -21,8 +21,9 @@ setup(
     extras_require={
         # Optional GPU back-ends, imported lazily behind the kernels dispatcher.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        # Interop checks and the demo's model conversion.
-        "test": ["pytest", "pytrec-eval-terrier", "sentence-transformers", "peft", "gguf"],
+        # Interop checks, the demo's model conversion, training curves (matplotlib), TensorBoard events, faiss.
+        "test": ["pytest", "pytrec-eval-terrier", "sentence-transformers", "peft", "gguf", "matplotlib",
+                 "faiss-cpu", "tensorboard"],
         "tensorboard": ["tensorboard"],
     },
 )
