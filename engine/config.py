@@ -84,14 +84,22 @@ class TaskConfig:
     false_negative_margin: float = 0.1  # the margin of that mask (Qwen3-Embedding uses 0.1)
     query_query: bool = False  # Qwen3-Embedding: other queries as negatives
     doc_doc: bool = False  # Qwen3-Embedding: other documents as negatives of the positive
+    # Matryoshka: the loss is also taken on the first d dimensions of every embedding (renormalised),
+    # for each d here, and evaluation reports metrics per d. [] = off; the full size is always trained.
+    matryoshka_dims: list[int] = field(default_factory=list)
+    # One weight per entry of matryoshka_dims (the full size weighs 1); [] = all 1.
+    matryoshka_weights: list[float] = field(default_factory=list)
     # --- reranker ---
     template: str = "qwen3"  # qwen3 | plain | a custom string with {instruction} {query} {document}
     instruction: str = "Given a web search query, retrieve relevant passages that answer the query"
     head: str = "yes_no"  # yes_no | linear
     yes_token: str = "yes"
     no_token: str = "no"
-    loss: str = "listwise"  # listwise | bce | distill
-    distill_temperature: float = 1.0
+    # auto = infonce (embedding) or listwise (reranker). embedding: infonce | distill (KL to teacher
+    # scores over each query's own candidates). reranker: listwise | bce | distill | hinge | ranknet.
+    loss: str = "auto"
+    distill_temperature: float = 1.0  # teacher's softmax temperature in distill (the student's is task.temperature / 1)
+    hinge_margin: float = 1.0  # reranker hinge: max(0, margin - (s_pos - s_neg)) per negative
     # --- both ---
     num_negatives: int = 7  # hard negatives per query in each training group
 
@@ -100,7 +108,12 @@ class TaskConfig:
 class DataConfig:
     # Sequences are always packed with cu_seqlens (no padding anywhere in training): varlen
     # attention makes a padded batch strictly slower, so there is no switch for it.
-    train: Optional[str] = None  # JSONL file (ms-swift or FlagEmbedding format, see docs/data.md)
+    # A JSONL file (ms-swift or FlagEmbedding format, see docs/data.md), or a list of them: data.train=[a.jsonl,b.jsonl]
+    train: Any = None
+    # One weight per file of data.train: each file's share of an epoch (drawn in proportion, cycling
+    # through a file's own order when it is drawn more than it holds); [] = in proportion to size.
+    train_weights: list[float] = field(default_factory=list)
+    same_dataset_in_batch: bool = False  # every step from one file of data.train (steps of files interleaved)
     eval: Optional[str] = None  # held-out JSONL in the same formats; null = no evaluation
     on_error: str = "fail"  # fail | skip: what a malformed line does
     query_max_len: int = 128  # tokens, template included
@@ -216,7 +229,9 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     _one_of("task.type", t.type, ("embedding", "reranker"))
     _one_of("task.pooling", t.pooling, ("last", "mean", "cls"))
     _one_of("task.head", t.head, ("yes_no", "linear"))
-    _one_of("task.loss", t.loss, ("listwise", "bce", "distill"))
+    losses = ("auto",) + TASK_LOSSES.get(t.type, ())
+    if t.loss not in losses:
+        raise ConfigError(f"task.loss={t.loss!r} is not one of {', '.join(losses)} (for task.type={t.type})")
     _one_of("data.on_error", d.on_error, ("fail", "skip"))
     _one_of("train.schedule", tr.schedule, ("cosine", "linear", "constant"))
     _one_of("train.device", tr.device, ("auto", "cpu", "cuda"))
@@ -256,8 +271,10 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
         raise ConfigError("train.grad_cache=true and train.grad_accum>1 do the same job: pick one")
     if tr.warmup_steps > tr.max_steps > 0:
         raise ConfigError(f"train.warmup_steps={tr.warmup_steps} exceeds train.max_steps={tr.max_steps}")
-    if t.type == "reranker" and t.loss == "listwise" and t.num_negatives == 0:
-        raise ConfigError("task.loss=listwise needs task.num_negatives >= 1 (a group of one has no ranking)")
+    if t.type == "reranker" and task_loss(t) in ("listwise", "hinge", "ranknet") and t.num_negatives == 0:
+        raise ConfigError(f"task.loss={task_loss(t)} needs task.num_negatives >= 1 (a group of one has no ranking)")
+    _positive("task.hinge_margin", t.hinge_margin, allow_zero=True)
+    check_matryoshka(t, cfg.model)
     if not m.path:
         _validate_architecture(m)
     if cfg.export.output_dir and t.type == "embedding":
@@ -268,14 +285,28 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     check_pipeline_schedule(p.pp_schedule, p.pp_virtual)
     if not tr.dry_run:
         if need_train_data:
-            if not d.train:
-                raise ConfigError("data.train is empty: give a JSONL file (data.train=PATH)")
-            if not os.path.isfile(d.train):
-                raise ConfigError(f"data.train={d.train}: no such file")
+            for path in train_files(d):
+                if not os.path.isfile(path):
+                    raise ConfigError(f"data.train: {path}: no such file")
         if d.eval and not os.path.isfile(d.eval):
             raise ConfigError(f"data.eval={d.eval}: no such file")
         if m.path and not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path={m.path}: no config.json there (a Hugging Face model folder is expected)")
+
+
+def train_files(d: DataConfig) -> list[str]:
+    """data.train as a list of paths (a single path is a list of one), checked against its weights."""
+    files = [d.train] if isinstance(d.train, str) else list(d.train or [])
+    if not files or not all(isinstance(f, str) and f for f in files):
+        raise ConfigError(f"data.train={d.train!r}: give a JSONL file (data.train=PATH) or a list of them "
+                          "(data.train=[a.jsonl,b.jsonl])")
+    if len(set(files)) != len(files):
+        raise ConfigError(f"data.train={files} names a file twice: give it a larger weight instead")
+    weights = list(d.train_weights)
+    if weights and (len(weights) != len(files) or min(weights) < 0 or sum(weights) <= 0):
+        raise ConfigError(f"data.train_weights={weights} must be one weight >= 0 per file of data.train "
+                          f"({len(files)}), not all 0")
+    return files
 
 
 def validate_cluster(c: ClusterConfig) -> None:
@@ -314,6 +345,41 @@ def check_pipeline_schedule(schedule: str, virtual: int) -> None:
     if schedule == "interleaved" and virtual < 2:
         raise ConfigError("parallel.pp_schedule=interleaved needs parallel.pp_virtual >= 2 "
                           "(virtual stages per pp rank)")
+
+
+TASK_LOSSES = {"embedding": ("infonce", "distill"), "reranker": ("listwise", "bce", "distill", "hinge", "ranknet")}
+
+
+def task_loss(t: TaskConfig) -> str:
+    """The loss a task trains with: task.loss, or the task's default for `auto`. Written once here."""
+    if t.loss != "auto":
+        return t.loss
+    return "infonce" if t.type == "embedding" else "listwise"
+
+
+def matryoshka_terms(t: TaskConfig) -> list[tuple[int, float]]:
+    """(dimension, weight) of each Matryoshka prefix the loss adds to the full size's."""
+    weights = list(t.matryoshka_weights) or [1.0] * len(t.matryoshka_dims)
+    return list(zip(t.matryoshka_dims, weights))
+
+
+def check_matryoshka(t: TaskConfig, m: ModelConfig) -> None:
+    """task.matryoshka_dims: increasing sizes below the embedding's, one weight each when weights are given."""
+    dims, weights = list(t.matryoshka_dims), list(t.matryoshka_weights)
+    if not dims:
+        if weights:
+            raise ConfigError("task.matryoshka_weights is set but task.matryoshka_dims is empty")
+        return
+    if t.type != "embedding":
+        raise ConfigError("task.matryoshka_dims is for task.type=embedding (a reranker has no vector to truncate)")
+    if any(d < 1 for d in dims) or dims != sorted(set(dims)):
+        raise ConfigError(f"task.matryoshka_dims={dims} must be distinct sizes >= 1 in increasing order")
+    if not m.path and dims[-1] >= m.hidden_size:
+        raise ConfigError(f"task.matryoshka_dims={dims}: every size must be below model.hidden_size={m.hidden_size} "
+                          "(the full size is always trained)")
+    if weights and (len(weights) != len(dims) or min(weights) < 0):
+        raise ConfigError(f"task.matryoshka_weights={weights} must be one weight >= 0 per entry of "
+                          f"task.matryoshka_dims={dims}")
 
 
 def reads_lm_head(t: TaskConfig) -> bool:

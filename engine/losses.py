@@ -172,6 +172,36 @@ def distill_kl(scores: Tensor, teacher: Tensor, temperature: float = 1.0) -> Ten
     return kl * temperature**2
 
 
-def _check_group_scores(name: str, scores: Tensor) -> None:
+def pairwise_hinge(scores: Tensor, margin: float = 1.0) -> Tensor:
+    """max(0, margin - (s_pos - s_neg)) for every negative of each group (positive in column 0),
+    mean over the B * (G-1) pairs."""
+    _check_group_scores("pairwise_hinge", scores, pairs=True)
+    scores = scores.float()
+    return F.relu(margin - (scores[:, :1] - scores[:, 1:])).mean()
+
+
+def ranknet(scores: Tensor, labels: Tensor | None = None) -> Tensor:
+    """RankNet (Burges et al., 2005): log(1 + exp(-(s_i - s_j))) for every pair of a group whose
+    label ranks i above j, mean over all such pairs of the batch. labels (B, G), higher = more
+    relevant; None = the positive (column 0) above every negative."""
+    _check_group_scores("ranknet", scores, pairs=True)
+    if labels is None:
+        labels = torch.zeros_like(scores, dtype=torch.float32)
+        labels[:, 0] = 1
+    if labels.shape != scores.shape:
+        raise LossInputError(f"ranknet: labels {tuple(labels.shape)} do not match scores {tuple(scores.shape)}")
+    labels = labels.float()
+    ordered = labels[:, :, None] > labels[:, None, :]  # (B, G, G): i ranks above j
+    if not ordered.any():
+        raise LossInputError("ranknet: no group has two candidates with different labels")
+    scores = scores.float()
+    differences = scores[:, :, None] - scores[:, None, :]  # s_i - s_j
+    return F.softplus(-differences[ordered]).mean()
+
+
+def _check_group_scores(name: str, scores: Tensor, pairs: bool = False) -> None:
+    if pairs and (scores.dim() != 2 or scores.shape[1] < 2):
+        raise LossInputError(f"{name}: expected scores of shape (B, G) with G >= 2 (a positive and negatives), "
+                             f"got {tuple(scores.shape)}")
     if scores.dim() != 2 or scores.shape[1] < 1:
         raise LossInputError(f"{name}: expected scores of shape (B, G), got {tuple(scores.shape)}")

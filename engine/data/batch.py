@@ -86,6 +86,7 @@ class EmbeddingBatch:
     queries: PackedSequences
     docs: PackedSequences
     group_size: int  # G = 1 + number of hard negatives per query
+    teacher_scores: Tensor | None = None  # (B, G) float, when the data carries scores (task.loss=distill)
 
     @property
     def num_queries(self) -> int:
@@ -96,7 +97,8 @@ class EmbeddingBatch:
         return self.queries.num_tokens + self.docs.num_tokens
 
     def to(self, device) -> "EmbeddingBatch":
-        return replace(self, queries=self.queries.to(device), docs=self.docs.to(device))
+        return replace(self, queries=self.queries.to(device), docs=self.docs.to(device),
+                       teacher_scores=None if self.teacher_scores is None else self.teacher_scores.to(device))
 
 
 @dataclass

@@ -69,21 +69,28 @@ class Collator:
         return _Group(texts + self._borrowed_negatives(examples, i, n), None)
 
     def _borrowed_negatives(self, examples: list[Example], i: int, n: int) -> list[str]:
-        """The first positives of the next examples in the batch (wrapping, cycling when the
-        batch is small): deterministic, and other queries' answers are plausible negatives."""
+        """Negatives for an example that has none, from the next examples of the batch (wrapping):
+        their negatives, never a text that is a positive of any query of the batch (it would be
+        trained as a negative of its own query); failing that, their first positives that are not
+        this query's. Deterministic, and other queries' documents are plausible negatives."""
         others = [examples[(i + k) % len(examples)] for k in range(1, len(examples))]
-        if not others:
+        batch_positives = {text for e in examples for text in e.positives}
+        pool = [text for other in others for text in other.negatives if text not in batch_positives]
+        if not pool:
+            own = set(examples[i].positives)
+            pool = [other.positives[0] for other in others if other.positives[0] not in own]
+        if not pool:
             raise DataError(
-                f"line {examples[i].line}: the example has no negatives and the batch has no other example to "
+                f"{examples[i].where}: the example has no negatives and the batch has no other example to "
                 "borrow them from; add negatives to the data, raise train.batch_size, or set task.num_negatives=0"
             )
         if not self._warned_borrowing:
             self._warned_borrowing = True
             self.warn(
-                f"line {examples[i].line} (and maybe others) has no negatives: using other queries' positives "
-                "from the same batch as its negatives"
+                f"{examples[i].where} (and maybe others) has no negatives: using other documents of the same "
+                "batch as its negatives"
             )
-        return [others[k % len(others)].positives[0] for k in range(n)]
+        return [pool[k % len(pool)] for k in range(n)]
 
     # ---- batches -----------------------------------------------------------------------
 
@@ -94,6 +101,7 @@ class Collator:
             queries=PackedSequences.from_token_lists(query_ids),
             docs=PackedSequences.from_token_lists(doc_ids),
             group_size=self.group_size,
+            teacher_scores=_teacher_scores(groups),
         )
 
     def _reranker_batch(self, examples: list[Example], groups: list["_Group"]) -> RerankerBatch:
@@ -103,12 +111,17 @@ class Collator:
         pair_ids = self.encoder.pairs(queries, [text for g in groups for text in g.texts], prompts)
         labels = torch.zeros(len(examples), G)  # (B, G)
         labels[:, 0] = 1.0  # the positive leads every group
-        teacher = None
-        if all(g.scores is not None for g in groups):
-            teacher = torch.tensor([g.scores for g in groups], dtype=torch.float32)  # (B, G)
         return RerankerBatch(
-            pairs=PackedSequences.from_token_lists(pair_ids), group_size=G, teacher_scores=teacher, labels=labels
+            pairs=PackedSequences.from_token_lists(pair_ids), group_size=G, teacher_scores=_teacher_scores(groups),
+            labels=labels,
         )
+
+
+def _teacher_scores(groups: list["_Group"]) -> torch.Tensor | None:
+    """(B, G) float32 teacher scores when every group is scored, else None."""
+    if not all(g.scores is not None for g in groups):
+        return None
+    return torch.tensor([g.scores for g in groups], dtype=torch.float32)
 
 
 class _Group:

@@ -16,3 +16,9 @@ class Example:
     pos_ids: list[str] | None = None
     neg_ids: list[str] | None = None
     line: int = 0  # 1-based line in the source file, for messages
+    source: str = ""  # the file it came from, for messages
+
+    @property
+    def where(self) -> str:
+        """PATH:LINE for messages."""
+        return f"{self.source}:{self.line}" if self.source else f"line {self.line}"

@@ -40,13 +40,23 @@ def load_examples(path: str, on_error: str = "fail", warn: Callable[[str], None]
         raise DataError(f"{path}: no such file")
     examples: list[Example] = []
     errors: list[str] = []
+    positives_listed_as_negatives: list[int] = []
     for line_number, text, decode_error in _numbered_lines(path):
         try:
             if decode_error:
                 raise LineError(decode_error)
-            examples.append(parse_line(text, line_number))
+            example = parse_line(text, line_number)
         except LineError as reason:
             errors.append(f"{path}:{line_number}: {reason}")
+            continue
+        example.source = path
+        if drop_positives_from_negatives(example):
+            positives_listed_as_negatives.append(line_number)
+        examples.append(example)
+    if positives_listed_as_negatives:
+        lines = ", ".join(map(str, positives_listed_as_negatives[:MAX_REASONS_IN_WARNING]))
+        warn(f"{path}: {len(positives_listed_as_negatives)} line(s) list a positive among their negatives "
+             f"(first: line {lines}); it is used as a positive only")
     if errors and on_error == "fail":
         raise DataError("\n".join(errors))
     if not examples:
@@ -179,6 +189,22 @@ def _message_list(value: Any, where: str) -> list[dict]:
         if not isinstance(content, str):
             raise LineError(f"{where}[{index}].content must be a string, got {_type_name(content)}")
     return value
+
+
+def drop_positives_from_negatives(example: Example, positives: set[str] | None = None) -> bool:
+    """Remove negatives whose text is one of the example's positives, or of `positives` (the query's
+    positives over all its lines), with their scores and ids: a positive must never be trained as its
+    own query's negative. True when any was removed."""
+    positives = set(example.positives) if positives is None else positives
+    keep = [i for i, text in enumerate(example.negatives) if text not in positives]
+    if len(keep) == len(example.negatives):
+        return False
+    example.negatives = [example.negatives[i] for i in keep]
+    if example.neg_scores is not None:
+        example.neg_scores = [example.neg_scores[i] for i in keep]
+    if example.neg_ids is not None:
+        example.neg_ids = [example.neg_ids[i] for i in keep]
+    return True
 
 
 # ---- optional ids --------------------------------------------------------------------------

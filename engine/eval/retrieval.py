@@ -19,6 +19,7 @@ from torch import Tensor
 from engine.data.example import Example
 from engine.eval.metrics import compute_metrics
 from engine.eval.trec import write_trec_run
+from engine.model.pooling import vector_prefix
 
 MIN_RUN_DEPTH = 100  # documents kept per query in the run, unless a larger k needs more
 
@@ -129,21 +130,30 @@ def evaluate_embedding(
     ks: Sequence[int] = (1, 10),
     save_run: str | None = None,
     batch_size: int = 64,
+    prefix_dims: Sequence[int] = (),
+    normalize: bool = True,
 ) -> dict[str, float]:
     """Embed every query and the whole corpus, rank the corpus by dot product, score the ranking.
 
     The encoders get at most `batch_size` items per call and return (n, H) embeddings
     (normalised when the model is configured to normalise; scores are plain dot products).
+    prefix_dims (Matryoshka): the same metrics again for the first d dimensions of every vector
+    (renormalised when `normalize`), named `dim{d}/{metric}`; the run file holds the full size's ranking.
     """
     eval_set = build_eval_set(examples)
+    depth = max(MIN_RUN_DEPTH, *ks)
     with torch.no_grad():
         query_vectors = _encode_in_batches(encode_queries, eval_set.queries, batch_size)  # (Q, H)
         doc_vectors = _encode_in_batches(encode_documents, eval_set.corpus_texts, batch_size)  # (D, H)
-        depth = max(MIN_RUN_DEPTH, *ks)
         run = rank_corpus(query_vectors, doc_vectors, eval_set.qids, eval_set.doc_ids, depth)
     if save_run:
         write_trec_run(run, save_run)
-    return compute_metrics(run, eval_set.qrels, ks)
+    metrics = compute_metrics(run, eval_set.qrels, ks)
+    for dim in prefix_dims:
+        prefix_run = rank_corpus(vector_prefix(query_vectors, dim, normalize), vector_prefix(doc_vectors, dim, normalize),
+                                 eval_set.qids, eval_set.doc_ids, depth)
+        metrics.update({f"dim{dim}/{name}": value for name, value in compute_metrics(prefix_run, eval_set.qrels, ks).items()})
+    return metrics
 
 
 def evaluate_reranker(

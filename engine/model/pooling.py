@@ -29,3 +29,10 @@ def pool_rows(hidden: Tensor, rows: Tensor, cu_seqlens: Tensor, mode: str) -> Te
         lengths = (ends - starts).to(hidden.dtype)
         return out.index_add(0, seq, hidden) / lengths[:, None]
     raise ValueError(f"task.pooling={mode!r} is not one of last, mean, cls")
+
+
+def vector_prefix(vectors: Tensor, dim: int, normalize: bool) -> Tensor:
+    """The first `dim` dimensions of each row, renormalised when the model normalises: a Matryoshka
+    vector (training, evaluation and the export's truncate_dim all mean this)."""
+    prefix = vectors[:, :dim]
+    return torch.nn.functional.normalize(prefix, dim=-1) if normalize else prefix

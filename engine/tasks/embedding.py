@@ -1,4 +1,6 @@
-"""Bi-encoder: packed sequences -> pooled (normalised) embeddings -> InfoNCE.
+"""Bi-encoder: packed sequences -> pooled (normalised) embeddings -> InfoNCE, or KL to a teacher's
+scores over each query's own candidates (task.loss=distill); with task.matryoshka_dims, the loss
+again on each truncated, renormalised prefix of the vectors (summed with its weight).
 
 With data parallelism (`dp_group` set by engine.parallel.parallelize) every rank's queries
 are scored against the candidates of the whole global batch: documents (and, for the
@@ -7,12 +9,15 @@ groups starting at rank * local batch.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.data.batch import EmbeddingBatch, PackedSequences
-from engine.losses import info_nce
+from engine.config import matryoshka_terms, task_loss
+from engine.losses import distill_kl, info_nce
+from engine.model.pooling import vector_prefix
 from engine.tasks.base import TaskModule
 from engine.parallel.collectives import all_gather_with_grad
 
@@ -38,13 +43,37 @@ class EmbeddingTask(TaskModule):
     def loss_from_outputs(self, outputs: list[Tensor], batch: EmbeddingBatch) -> Tensor:
         queries, docs = outputs
         c = self.cfg
-        all_queries, query_offset = None, 0
-        if self.dp_group is not None:
-            docs = all_gather_with_grad(docs, self.dp_group)
+        all_queries, all_docs, query_offset = None, docs, 0
+        if self.dp_group is not None and task_loss(c) == "infonce":
+            all_docs = all_gather_with_grad(docs, self.dp_group)
             all_queries = all_gather_with_grad(queries, self.dp_group) if c.query_query else None
             query_offset = dist.get_rank(self.dp_group) * queries.shape[0]
+        # Matryoshka: the same loss on the first d dimensions of every vector, for each d; the full size first.
+        loss = None
+        for dim, weight in [(None, 1.0), *matryoshka_terms(c)]:
+            part = self._loss(*(self._prefix(x, dim) for x in (queries, docs, all_docs, all_queries)),
+                              batch, query_offset)
+            loss = weight * part if loss is None else loss + weight * part
+        return loss
+
+    def _prefix(self, vectors: Tensor | None, dim: int | None) -> Tensor | None:
+        """The first `dim` dimensions, renormalised when the task normalises (all of them for None)."""
+        if vectors is None or dim is None:
+            return vectors
+        return vector_prefix(vectors, dim, self.cfg.normalize)
+
+    def _loss(self, queries: Tensor, docs: Tensor, all_docs: Tensor, all_queries: Tensor | None,
+              batch: EmbeddingBatch, query_offset: int) -> Tensor:
+        c = self.cfg
+        if task_loss(c) == "distill":
+            # Each query against its own candidates only (the teacher scored those): (B, G) logits.
+            groups = docs.view(queries.shape[0], batch.group_size, -1)
+            logits = torch.einsum("bh,bgh->bg", queries, groups) / c.temperature
+            if batch.teacher_scores is None:
+                raise ValueError("task.loss=distill needs teacher scores (pos_scores/neg_scores) on every training line")
+            return distill_kl(logits, batch.teacher_scores, temperature=c.distill_temperature)
         return info_nce(
-            queries, docs, group_size=batch.group_size, temperature=c.temperature,
+            queries, all_docs, group_size=batch.group_size, temperature=c.temperature,
             in_batch_negatives=c.in_batch_negatives,
             false_negative_margin=c.false_negative_margin if c.false_negative_mask else None,
             query_query=c.query_query, doc_doc=c.doc_doc, query_offset=query_offset, all_queries=all_queries,

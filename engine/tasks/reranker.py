@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from engine.config import reads_lm_head
+from engine.config import reads_lm_head, task_loss
 from engine.data.batch import PackedSequences, RerankerBatch
 from engine.data.tokenize import yes_no_token_ids
-from engine.losses import distill_kl, listwise_ce, pointwise_bce
+from engine.losses import distill_kl, listwise_ce, pairwise_hinge, pointwise_bce, ranknet
 from engine.tasks.base import TaskModule
 
 
@@ -51,10 +51,15 @@ class RerankerTask(TaskModule):
 
     def loss_from_outputs(self, outputs: list[Tensor], batch: RerankerBatch) -> Tensor:
         scores = outputs[0].view(-1, batch.group_size)  # (B, G), positive first
-        if self.cfg.loss == "listwise":
+        loss = task_loss(self.cfg)
+        if loss == "listwise":
             return listwise_ce(scores)
-        if self.cfg.loss == "bce":
-            labels = batch.labels if batch.labels is not None else _positive_first_labels(scores)
+        if loss == "hinge":
+            return pairwise_hinge(scores, self.cfg.hinge_margin)
+        labels = batch.labels if batch.labels is not None else _positive_first_labels(scores)
+        if loss == "ranknet":
+            return ranknet(scores, labels)
+        if loss == "bce":
             return pointwise_bce(scores, labels.to(scores.dtype))
         if batch.teacher_scores is None:
             raise ValueError("task.loss=distill needs teacher scores (pos_scores/neg_scores) on every training line")

@@ -23,7 +23,8 @@ def evaluate_task(task, text_encoder, examples, cfg, device: torch.device, autoc
             return encode_tokens(task, text_encoder.documents(texts), batch_size, device, autocast_dtype, encode)
 
         return evaluate_embedding(encode_queries, encode_documents, examples, ks=ks, save_run=save_run,
-                                  batch_size=batch_size * _dp_size(task))
+                                  batch_size=batch_size * _dp_size(task), prefix_dims=list(cfg.task.matryoshka_dims),
+                                  normalize=cfg.task.normalize)
 
     def score_pairs(batch, documents):
         tokens = text_encoder.pairs([e.query for e in batch], documents, [e.prompt for e in batch])

@@ -23,10 +23,11 @@ import warnings
 
 import torch
 
-from engine.config import ConfigError, RunConfig
+from engine.config import ConfigError, RunConfig, task_loss
 from engine.data.collate import Collator
 from engine.data.formats import load_examples
-from engine.data.sampler import BatchSampler, derived_seed
+from engine.data.mixture import load_training_data, training_sampler
+from engine.data.sampler import derived_seed
 from engine.data.tokenize import TextEncoder
 from engine.train import checkpoint as ckpt
 from engine.parallel.data import (
@@ -82,13 +83,17 @@ def _quiet(message: str) -> None:
 
 
 def _check_teacher_scores(cfg: RunConfig, examples) -> None:
-    if cfg.task.type == "reranker" and cfg.task.loss == "distill":
+    if task_loss(cfg.task) == "distill":
         missing = next((e for e in examples if e.pos_scores is None or e.neg_scores is None), None)
         if missing is not None:
             raise ConfigError(
-                f"task.loss=distill needs teacher scores on every line: {cfg.data.train}:{missing.line} "
-                "has no pos_scores/neg_scores"
+                f"task.loss=distill needs teacher scores on every line: {missing.where} has no pos_scores/neg_scores "
+                "(launch/score.py writes them with a reranker)"
             )
+        short = next((e for e in examples if not e.negatives), None) if cfg.task.num_negatives else None
+        if short is not None:
+            raise ConfigError(f"task.loss=distill needs each query's own scored negatives: {short.where} has none "
+                              "(or set task.num_negatives=0)")
 
 
 class Trainer:
@@ -109,11 +114,12 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.run_dir)
 
         # Data first: a bad file fails before any model is built.
-        self.train_examples = load_examples(cfg.data.train, on_error=cfg.data.on_error, warn=self.log)
+        self.train_data = load_training_data(cfg.data, warn=self.log)
+        self.train_examples = self.train_data.examples
         self.eval_examples = (
             load_examples(cfg.data.eval, on_error=cfg.data.on_error, warn=self.log) if cfg.data.eval else []
         )
-        self.log(f"data: {len(self.train_examples)} training examples from {cfg.data.train}"
+        self.log(f"data: {self.train_data.describe()}"
             + (f", {len(self.eval_examples)} evaluation queries from {cfg.data.eval}" if cfg.data.eval else ""))
 
         _check_teacher_scores(cfg, self.train_examples)
@@ -141,7 +147,7 @@ class Trainer:
             self.pipeline)
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.sampler = BatchSampler(len(self.train_examples), cfg.train.batch_size, cfg.train.seed)
+        self.sampler = training_sampler(self.train_data, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=self.log)
         self.collator = Collator(self.text_encoder, cfg.task, cfg.train.seed, warn=self.log)
         self.step = 0
         self.bad_steps_in_a_row = 0

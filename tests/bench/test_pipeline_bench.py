@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 def test_pipeline_bench_measures_the_bubble_and_the_activations_of_each_schedule():
-    args = ["--pp", "2", "--micro", "4", "--work-ms", "30", "--repeats", "2", "--layers", "4", "--hidden", "64",
+    args = ["--pp", "2", "--micro", "4", "--work-ms", "60", "--repeats", "2", "--layers", "4", "--hidden", "64",
             "--tokens", "128"]
     env = {**os.environ, "PYTHONPATH": REPO}
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "pipeline.py"), *args],
@@ -24,7 +24,9 @@ def test_pipeline_bench_measures_the_bubble_and_the_activations_of_each_schedule
     assert set(bubble) == {"gpipe", "1f1b", "interleaved v2"}, out
     for name, (measured, timeline, formula) in bubble.items():
         assert timeline == formula, (name, out)  # m = 4 is a multiple of pp = 2
-        assert formula - 0.02 <= measured <= formula + 0.08, (name, out)  # transfers add a little
+        # Transfers add a little: ~3 ms each on a loaded CI machine, against 60 ms of work per
+        # micro-batch (at 30 ms the interleaved schedule's 16 transfers once added 0.09).
+        assert formula - 0.02 <= measured <= formula + 0.08, (name, out)
     assert bubble["interleaved v2"][0] < bubble["1f1b"][0], out
     memory = {m.group(1).strip(): ([float(m.group(2)), float(m.group(3))], [int(m.group(4)), int(m.group(5))])
               for m in re.finditer(r"^(gpipe|1f1b|interleaved v2) +([\d.]+) +([\d.]+) +(\d+) (\d+)$", out, re.M)}

@@ -165,3 +165,51 @@ def test_distill_without_teacher_scores_fails_before_the_model_is_built(tmp_path
     data = write_jsonl(tmp_path / "t.jsonl", synthetic_examples(8))
     with pytest.raises(ConfigError, match=r"t.jsonl:1 has no pos_scores"):
         make_trainer(tmp_path / "run", (data, ""), "task=reranker", "task.loss=distill")
+
+
+@pytest.mark.parametrize("task", [
+    ["task=reranker", "task.loss=hinge", "task.hinge_margin=0.5"],
+    ["task=reranker", "task.loss=ranknet"],
+    ["task=embedding", "task.loss=distill", "train.lr=1e-4"],
+])
+def test_pairwise_and_distillation_losses_train(tmp_path, tiny_data, task):
+    trainer = make_trainer(tmp_path / "run", (tiny_data[0], ""), "train.max_steps=3", "train.schedule=constant",
+                           *task)
+    first = trainer.collator([trainer.train_examples[i] for i in trainer.sampler.indices(0)], 0)
+
+    def loss_of_the_first_batch():
+        with torch.no_grad():
+            return trainer.model(first).item()
+
+    before = loss_of_the_first_batch()
+    trainer.train()
+    assert losses(tmp_path / "run")[1] == pytest.approx(before, rel=1e-5)  # the loss trained is the loss computed
+    assert loss_of_the_first_batch() < before
+
+
+def test_matryoshka_evaluation_reports_every_dimension(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path / "run", tiny_data, "train.max_steps=1", "task.matryoshka_dims=[8,32]")
+    results = trainer.train()
+    for name in ("mrr@10", "dim8/mrr@10", "dim32/mrr@10", "dim8/ndcg@10"):
+        assert name in results["final"], sorted(results["final"])
+    assert "eval/dim8/mrr@10" in read_metrics(tmp_path / "run")[-1]
+    # Truncated to the full size, the prefix metrics would equal the full ones: they are not copies.
+    assert results["final"]["dim8/mrr@10"] != results["final"]["mrr@10"] or \
+        results["final"]["dim8/map"] != results["final"]["map"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.loss=hinge"], r"task.loss='hinge' is not one of auto, infonce, distill \(for task.type=embedding\)"),
+    (["task=reranker", "task.loss=infonce"], "is not one of auto, listwise, bce, distill, hinge, ranknet"),
+    (["task=reranker", "task.loss=ranknet", "task.num_negatives=0"], "ranknet needs task.num_negatives >= 1"),
+    (["task.matryoshka_dims=[32,8]"], "distinct sizes >= 1 in increasing order"),
+    (["task.matryoshka_dims=[8,64]"], "below model.hidden_size=64"),
+    (["task.matryoshka_dims=[8]", "task.matryoshka_weights=[1,2]"], "one weight >= 0 per entry"),
+    (["task.matryoshka_weights=[1]"], "task.matryoshka_dims is empty"),
+    (["task=reranker", "task.matryoshka_dims=[8]"], "is for task.type=embedding"),
+])
+def test_recipe_keys_fail_in_one_line(tmp_path, tiny_data, overrides, message):
+    cfg, _ = compose(TINY + [f"data.train={tiny_data[0]}", *overrides])
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)
