@@ -20,7 +20,7 @@ for parameters (see CP_TOLERANCE for why); losses to the same 1e-5, clip norms t
 Layouts: tp 2 and 4 with sequence parallelism on and off (tp 4 with 2 KV heads replicates
 KV heads), dp 2, dp 2 x tp 2; context parallelism: ulysses 2 and 4 (4 repeats the 2 KV heads),
 ring 2 and 4, ring 2 x ulysses 2, tp 2 x ulysses 2, dp 2 x ring 2; and for the embedding task
-dp 2 with grad_accum and grad_cache.
+dp 2 with grad_accum, grad_cache and Matryoshka prefixes.
 Tasks: embedding and reranker, LoRA and full fine-tuning, over the llama, qwen2 and qwen3
 variants of the block (q/k norms, q/k/v biases, tied and untied heads, yes/no and linear heads),
 causal with last and mean pooling, and bidirectional with mean pooling (context parallelism
@@ -148,6 +148,9 @@ EXTRAS = {
     "recompute-full": ["train.recompute=full"],  # ring attention runs again inside the backward
     "recompute-selective": ["train.recompute=selective"],
     "layers4": ["model.num_layers=4"],  # room for 4 pipeline stages
+    # Prefixes of the gathered candidates (query-query and doc-doc terms too), renormalised per rank.
+    # lr 3e-4: at 1e-3 AdamW carried the three summed losses' float32 noise to 1.7e-6 on one element.
+    "matryoshka": ["task.matryoshka_dims=[16,32]", "task.matryoshka_weights=[0.5,2]", "train.lr=3e-4"],
 }
 EXTRA_TASKS = {
     "accum2": ("embedding-lora", "embedding-full-qwen3"),
@@ -156,11 +159,12 @@ EXTRA_TASKS = {
     "recompute-full": ("embedding-lora", "reranker-full-untied"),
     "recompute-selective": ("embedding-lora",),
     "layers4": ("embedding-lora", "embedding-full-qwen3", "reranker-lora-qwen2-linear", "reranker-full-untied"),
+    "matryoshka": ("embedding-full-qwen3",),
 }
 EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2", "pp2"), "gradcache": ("dp2", "dp2xtp2", "ulysses2", "pp2", "pp2xdp2"),
                  "path": ("tp2-sp", "dp2xtp2", "tp2xulysses2", "pp2xtp2"),
                  "recompute-full": ("ring2", "ring2xulysses2", "pp2"), "recompute-selective": ("ring2", "pp2"),
-                 "layers4": ("pp4", "pp4xdp2", "pp2v2", "pp2v2xtp2xdp2")}
+                 "layers4": ("pp4", "pp4xdp2", "pp2v2", "pp2v2xtp2xdp2"), "matryoshka": ("dp2",)}
 EXTRA_LAYOUT_TASKS = {("layers4", "pp4"): ("embedding-lora", "reranker-full-untied"),
                       ("layers4", "pp4xdp2"): ("embedding-full-qwen3", "reranker-lora-qwen2-linear"),
                       ("layers4", "pp2v2xtp2xdp2"): ("embedding-lora", "reranker-full-untied"),
