@@ -8,6 +8,12 @@
 Every export also carries `ember_task.json` (the task settings) so `engine.Embedder`,
 `engine.Reranker` and launch/evaluate.py rebuild the exact same scorer.
 LoRA is merged unless export.merge_lora=false, which writes a PEFT adapter folder instead.
+
+Every export ends with the parity check (engine/export_parity.py): the folder is loaded the way
+a server would and compared with the engine. Passed: `ember_parity.json` records it and the folder
+takes its name (an earlier failure's `<output>.unservable` goes). Failed: ExportParityError (one
+line), the folder is left as `<output>.unservable` (with PARITY_FAILED.txt) and `<output>`, an
+earlier export included, is not touched.
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ from engine.config import RunConfig, check_prefix_templates
 from engine.build import DTYPES
 
 TASK_FILE = "ember_task.json"
+PARITY_FILE = "ember_parity.json"  # written only when the parity check passed
+FAILED_FILE = "PARITY_FAILED.txt"  # in <output>.unservable: the check's one line
+UNSERVABLE_SUFFIX = ".unservable"
 _FAMILY_CLASS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 
 
@@ -52,7 +61,11 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, merge_lora: bool | N
 
 
 def export_task(task, cfg: RunConfig, tokenizer, output_dir: str) -> str:
-    """Write the folder under a temporary name, then rename: a half-written export never appears."""
+    """Write the folder under a temporary name, check that it serves as the engine scores, then
+    rename: a half-written or unservable export never appears under output_dir."""
+    from engine.export_parity import ExportParityError, check_export, trained_reference
+
+    reference = trained_reference(task, cfg, tokenizer)  # before LoRA is merged into the weights
     tmp = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -69,10 +82,29 @@ def export_task(task, cfg: RunConfig, tokenizer, output_dir: str) -> str:
         else:
             _write_reranker(task, cfg, tokenizer, tmp, dtype)
     _write_task_file(cfg, tmp)
+    try:
+        report = check_export(tmp, cfg, reference)
+    except ExportParityError as err:
+        raise ExportParityError(f"{err} (files kept in {_set_aside(tmp, output_dir, err)})") from None
+    _write_json(tmp, PARITY_FILE, report)
+    print(f"[ember] export parity: {len(report['comparisons'])} comparisons with the engine passed "
+          f"({report['seconds']:.1f} s)", flush=True)
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)
+    shutil.rmtree(output_dir.rstrip("/") + UNSERVABLE_SUFFIX, ignore_errors=True)  # an earlier failure's
     return output_dir
+
+
+def _set_aside(tmp: str, output_dir: str, err: Exception) -> str:
+    """An export that failed its parity check moves to <output>.unservable with the reason beside it:
+    kept for inspection, under a name no deployment of <output> picks up."""
+    failed = output_dir.rstrip("/") + UNSERVABLE_SUFFIX
+    with open(os.path.join(tmp, FAILED_FILE), "w") as f:
+        f.write(f"{err}\n")
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(tmp, failed)
+    return failed
 
 
 def _write_task_file(cfg: RunConfig, folder: str) -> None:
@@ -117,7 +149,12 @@ def _write_embedder(task, cfg: RunConfig, tokenizer, folder: str, dtype: torch.d
     family = _FAMILY_CLASS[backbone.args.family]
     state = {k: v for k, v in backbone.model.state_dict().items()}  # base model: no "model." prefix
     _save_weights(state, folder, dtype)
-    _write_json(folder, "config.json", _hf_config(backbone, f"{family}Model", tokenizer, dtype))
+    extra = {}
+    if cfg.task.matryoshka_dims:
+        # vLLM reads these from config.json and then takes `dimensions` per request (truncated, renormalised).
+        extra = {"is_matryoshka": True,
+                 "matryoshka_dimensions": [*cfg.task.matryoshka_dims, backbone.args.hidden_size]}
+    _write_json(folder, "config.json", _hf_config(backbone, f"{family}Model", tokenizer, dtype, **extra))
     _save_tokenizer(tokenizer, folder, append_eos=cfg.task.append_eos)
     _write_sentence_transformers_files(cfg, backbone.args.hidden_size, folder)
 
@@ -228,8 +265,12 @@ def _write_sentence_transformers_files(cfg: RunConfig, hidden: int, folder: str)
         "pooling_mode_lasttoken": t.pooling == "last",
         "include_prompt": True,
     })
-    _write_json(folder, "config_sentence_transformers.json", {
+    st_config = {
         "prompts": {"query": query_prompt(t), "document": doc_prefix},
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if t.normalize else "dot",
-    })
+    }
+    if t.matryoshka_dims:
+        # sentence-transformers ignores this key; it tells users which truncate_dim values were trained.
+        st_config["matryoshka_dims"] = list(t.matryoshka_dims)
+    _write_json(folder, "config_sentence_transformers.json", st_config)

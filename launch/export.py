@@ -1,5 +1,9 @@
 """Export a training checkpoint as a Hugging Face folder (sentence-transformers, transformers, vLLM).
 
+The export ends by loading the folder as a server would and comparing with the engine
+(docs/serving.md); a difference is one line on stderr and exit code 2, and the files are
+left in OUTPUT.unservable instead of OUTPUT.
+
     python launch/export.py checkpoint=outputs/demo/checkpoints/step_00000024 output=outputs/demo/export
     python launch/export.py checkpoint=DIR output=DIR export.merge_lora=false   # a PEFT adapter folder
     python launch/export.py checkpoint=DIR output=DIR export.dtype=bfloat16
@@ -39,6 +43,7 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     from engine.export import export_checkpoint
+    from engine.export_parity import ExportParityError
 
     values = parse(argv)
     merge = values.get("export.merge_lora")
@@ -48,6 +53,8 @@ def main(argv: list[str]) -> int:
             merge_lora=None if merge is None else merge == "true",
             dtype=values.get("export.dtype"),
         )
+    except ExportParityError:
+        raise  # not a configuration mistake: run_cli prints it as it is
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print(f"exported {values['checkpoint']} to {path}")

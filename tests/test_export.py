@@ -1,13 +1,16 @@
 """Exports load in the tools users have, and score exactly like the engine."""
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine import Embedder, Reranker
-from engine.export import export_checkpoint
+from engine.export import PARITY_FILE, export_checkpoint
 from engine.train.checkpoint import latest_checkpoint
 from tests.train.test_trainer import make_trainer
 
@@ -33,6 +36,14 @@ def cosine(a, b):
     return F.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b), dim=-1)
 
 
+def parity_checked(folder) -> set[str]:
+    """What the export's own parity check loaded its folder with (engine/export_parity.py)."""
+    with open(os.path.join(folder, PARITY_FILE)) as f:
+        report = json.load(f)
+    assert report["passed"]
+    return {c["served"] for c in report["comparisons"] if c["against"] == "engine"}
+
+
 @pytest.mark.parametrize("overrides", [
     ["task.pooling=last", "lora.rank=4"],
     ["task.pooling=mean", "task.normalize=false"],
@@ -44,6 +55,7 @@ def test_sentence_transformers_gives_the_engine_embeddings(tmp_path, tiny_data, 
     # One length for both: sentence-transformers truncates every text at max_seq_length.
     trainer, checkpoint = trained_checkpoint(tmp_path, tiny_data, "task=embedding", "data.doc_max_len=64", *overrides)
     out = export_checkpoint(checkpoint, str(tmp_path / "export"))
+    assert parity_checked(out) == {"sentence-transformers", "transformers AutoModel"}
     st = SentenceTransformer(out, device="cpu")
     query_tokens = trainer.text_encoder.queries(QUERIES, [None] * len(QUERIES))
     assert query_tokens[0] != query_tokens[1]  # the queries' own words survive truncation
@@ -61,6 +73,7 @@ def test_yes_no_reranker_export_is_a_causal_lm_that_scores_the_same(tmp_path, ti
 
     trainer, checkpoint = trained_checkpoint(tmp_path, tiny_data, "task=reranker", "lora.rank=4")
     out = export_checkpoint(checkpoint, str(tmp_path / "export"))
+    assert parity_checked(out) == {"transformers *ModelForCausalLM"}
     reranker = Reranker.from_pretrained(out)
     scores = reranker.score(QUERIES[0], DOCS)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -83,6 +96,7 @@ def test_linear_reranker_export_is_a_sequence_classifier(tmp_path, tiny_data):
 
     trainer, checkpoint = trained_checkpoint(tmp_path, tiny_data, "task=reranker", "task.head=linear")
     out = export_checkpoint(checkpoint, str(tmp_path / "export"))
+    assert parity_checked(out) == {"transformers *ModelForSequenceClassification"}
     scores = Reranker.from_pretrained(out).score(QUERIES[1], DOCS)
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     for doc, score in zip(DOCS, scores):
@@ -106,6 +120,8 @@ def test_unmerged_export_is_a_peft_adapter(tmp_path, tiny_data):
     trainer, checkpoint = trained_checkpoint(tmp_path, tiny_data, "task=reranker", "lora.rank=4",
                                              f"model.path={base_dir}")
     out = export_checkpoint(checkpoint, str(tmp_path / "adapter"), merge_lora=False)
+    with open(os.path.join(out, PARITY_FILE)) as f:
+        assert {c["served"] for c in json.load(f)["comparisons"]} == {"peft (base + adapter)"}
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), out).eval()
     ids = torch.tensor([trainer.text_encoder.pairs([QUERIES[0]], [DOCS[0]], [None])[0]])
     with torch.no_grad():
