@@ -17,6 +17,9 @@ setup(
         "triton; platform_system == 'Linux'",
         "tqdm",
         "numpy",
+        # Every export loads itself as a server would (engine/export_parity.py).
+        "sentence-transformers",
+        "peft",
     ],
     extras_require={
         # Optional GPU back-ends, imported lazily behind the kernels dispatcher.

@@ -297,7 +297,10 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
 def train_files(d: DataConfig) -> list[str]:
     """data.train as a list of paths (a single path is a list of one), checked against its weights."""
     files = [d.train] if isinstance(d.train, str) else list(d.train or [])
-    if not files or not all(isinstance(f, str) and f for f in files):
+    if not files:
+        raise ConfigError("data.train is empty: give a JSONL file (data.train=PATH) or a list of them "
+                          "(data.train=[a.jsonl,b.jsonl])")
+    if not all(isinstance(f, str) and f for f in files):
         raise ConfigError(f"data.train={d.train!r}: give a JSONL file (data.train=PATH) or a list of them "
                           "(data.train=[a.jsonl,b.jsonl])")
     if len(set(files)) != len(files):
