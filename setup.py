@@ -25,7 +25,7 @@ setup(
         # Optional GPU back-ends, imported lazily behind the kernels dispatcher.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         # Interop checks, the demo's model conversion, training curves (matplotlib), TensorBoard events, faiss.
-        "test": ["pytest", "pytrec-eval-terrier", "sentence-transformers", "peft", "gguf", "matplotlib",
+        "test": ["pytest", "pytrec-eval-terrier", "sentence-transformers", "peft", "gguf", "datasets", "matplotlib",
                  "faiss-cpu", "tensorboard"],
         "tensorboard": ["tensorboard"],
     },
