@@ -110,20 +110,13 @@ def _write(cfg, o: MineOptions, examples, result, world: int) -> None:
         f"num_negatives={o.num_negatives} sampling_strategy={o.sampling_strategy}",
         f"wrote {lines:,} lines ({o.output_format}) to {o.output}",
     ]
-    text = render(header, [len(f) for f in result.found], result.positive_scores,
-                  [torch_scores(f) for f in result.found], result.skipped, vars(o), result.notes)
+    text = render(header, result.positive_scores, result.found, result.skipped, vars(o), result.notes)
     with open(summary_path(o.output), "w", encoding="utf-8") as f:
         f.write(text)
     print(text, end="")
     print(json.dumps({"output": o.output, "summary": summary_path(o.output), "lines": lines,
                       "queries": len(mset.queries), "corpus": len(mset.corpus),
                       "negatives": sum(len(f) for f in result.found), "seconds": result.seconds}))
-
-
-def torch_scores(found):
-    import torch
-
-    return torch.tensor([score for _, score in found])
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ def summary_path(output: str) -> str:
     return (root if ext == ".jsonl" else output) + ".summary.txt"
 
 
-def render(header: list[str], found_per_query: list[int], positive: list[Tensor], negative: list[Tensor],
+def render(header: list[str], positive: list[Tensor], found: list[list[tuple[int, float]]],
            skipped: dict[str, tuple[int, float]], options: dict, notes: list[str]) -> str:
-    """positive / negative: per unique query, the scores of its positives and of its negatives."""
+    """positive: per unique query, its positives' scores; found: per unique query, (corpus index,
+    score) of its negatives."""
     lines = list(header)
-    counts = Counter(found_per_query)
+    negative = [torch.tensor([score for _, score in row]) for row in found]
+    counts = Counter(len(row) for row in found)
     lines.append("negatives per query: " + ", ".join(
         f"{k}: {counts[k]:,} quer{'y' if counts[k] == 1 else 'ies'}" for k in sorted(counts, reverse=True)))
     pos = torch.cat(positive) if positive else torch.empty(0)
