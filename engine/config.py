@@ -285,9 +285,11 @@ def validate(cfg: RunConfig, *, need_train_data: bool = True) -> None:
     check_pipeline_schedule(p.pp_schedule, p.pp_virtual)
     if not tr.dry_run:
         if need_train_data:
-            for path in train_files(d):
+            files = train_files(d)
+            for index, path in enumerate(files):
                 if not os.path.isfile(path):
-                    raise ConfigError(f"data.train: {path}: no such file")
+                    key = "data.train" if isinstance(d.train, str) else f"data.train[{index}]"
+                    raise ConfigError(f"{key}={path}: no such file")
         if d.eval and not os.path.isfile(d.eval):
             raise ConfigError(f"data.eval={d.eval}: no such file")
         if m.path and not os.path.isfile(os.path.join(m.path, "config.json")):
