@@ -31,7 +31,7 @@ request_huge_pages()  # before torch is imported: torch reads it at its first al
 
 from engine.cli import compose, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
-from engine.mine.cli import split_argv  # noqa: E402
+from engine.mine.cli import input_file, split_argv  # noqa: E402
 from engine.mine.options import MineOptions, check  # noqa: E402
 
 
@@ -41,8 +41,7 @@ def main(argv: list[str]) -> int:
     cfg, _ = compose(hydra_argv)
     if not cfg.model.path:
         raise ConfigError("model.path is required: the embedder (an Ember export or a Hugging Face model folder)")
-    if not cfg.data.train:
-        raise ConfigError("data.train is required: the JSONL file to mine negatives for")
+    input_file(cfg)
 
     from engine.data.formats import load_examples
     from engine.mine.corpus import line_negatives, read_corpus_file

@@ -22,7 +22,7 @@ request_huge_pages()  # before torch is imported: torch reads it at its first al
 
 from engine.cli import compose, run_cli  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
-from engine.mine.cli import split_argv  # noqa: E402
+from engine.mine.cli import input_file, split_argv  # noqa: E402
 from engine.mine.teacher import ScoreOptions  # noqa: E402
 
 
@@ -37,8 +37,7 @@ def main(argv: list[str]) -> int:
     cfg, _ = compose(default_task + hydra_argv)
     if not cfg.model.path:
         raise ConfigError("model.path is required: the reranker (an Ember export or a Hugging Face model folder)")
-    if not cfg.data.train:
-        raise ConfigError("data.train is required: the JSONL file to score")
+    input_file(cfg)
 
     from engine.data.formats import load_examples
     from engine.mine.cli import start_ranks

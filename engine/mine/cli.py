@@ -48,6 +48,15 @@ def split_argv(argv: list[str], prefix: str, schema):
         raise ConfigError(f"{prefix}.{key}: {head}" if key else f"{prefix}.*: {head}") from None
 
 
+def input_file(cfg) -> str:
+    """data.train as the one file to read (the trainer also takes a list of files; these scripts do not)."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is required: the JSONL file to read")
+    if not isinstance(cfg.data.train, str):
+        raise ConfigError(f"data.train={cfg.data.train}: give one file here (run once per file)")
+    return cfg.data.train
+
+
 def model_settings(cfg, argv: list[str], path: str):
     """(task, data, causal) for the model folder at path, by launch/evaluate.py's rule: an export's
     ember_task.json wins over the composed config except where the command line names a key (or

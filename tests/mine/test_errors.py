@@ -39,6 +39,8 @@ def test_bad_options(mine, tmp_path, mining_file, embedder_export, args, fragmen
 def test_bad_files(mine, tmp_path, mining_file, embedder_export, reranker_export):
     out = f"mine.output={tmp_path / 'out.jsonl'}"
     assert_one_line(mine(f"model.path={embedder_export}", out), "data.train is required")
+    assert_one_line(mine(f"model.path={embedder_export}", out, f"data.train=[{mining_file},{mining_file}]"),
+                    "give one file here")
     assert_one_line(mine(f"data.train={mining_file}", out, "model.path=null"), "model.path is required")
     assert_one_line(mine(f"model.path={embedder_export}", f"data.train={tmp_path / 'none.jsonl'}", out),
                     "none.jsonl: no such file")
