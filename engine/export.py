@@ -17,6 +17,7 @@ earlier export included, is not touched.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -274,3 +275,27 @@ def _write_sentence_transformers_files(cfg: RunConfig, hidden: int, folder: str)
         # sentence-transformers ignores this key; it tells users which truncate_dim values were trained.
         st_config["matryoshka_dims"] = list(t.matryoshka_dims)
     _write_json(folder, "config_sentence_transformers.json", st_config)
+
+
+def settings_from_export(cfg, argv: list[str], path: str):
+    """(task, data, causal) for the model folder at `path`, copies: an export's ember_task.json wins
+    over the composed config `cfg` except where the command line `argv` names a key (or the task
+    group); a plain Hugging Face folder takes the composed config as it is. The one rule that
+    launch/evaluate.py, launch/mine.py and launch/score.py apply."""
+    task, data, causal = copy.deepcopy(cfg.task), copy.deepcopy(cfg.data), cfg.model.causal
+    info_path = os.path.join(path, TASK_FILE)
+    if not os.path.isfile(info_path):
+        return task, data, causal
+    with open(info_path) as f:
+        info = json.load(f)
+    named = {a.split("=", 1)[0].lstrip("+") for a in argv}
+    if "task" not in named:
+        for key, value in info["task"].items():
+            if f"task.{key}" not in named:
+                setattr(task, key, value)
+    for key, value in info["data"].items():
+        if f"data.{key}" not in named:
+            setattr(data, key, value)
+    if "model.causal" not in named:
+        causal = info.get("causal", True)
+    return task, data, causal

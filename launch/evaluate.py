@@ -24,23 +24,9 @@ from engine.config import ConfigError, validate  # noqa: E402
 
 def _apply_export_settings(cfg, argv: list[str]) -> None:
     """Settings saved at export time, except those the command line names explicitly."""
-    from engine.export import TASK_FILE
+    from engine.export import settings_from_export
 
-    path = os.path.join(cfg.model.path, TASK_FILE)
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        info = json.load(f)
-    named = {a.split("=", 1)[0].lstrip("+") for a in argv}
-    if "task" not in named:
-        for key, value in info["task"].items():
-            if f"task.{key}" not in named:
-                setattr(cfg.task, key, value)
-    for key, value in info["data"].items():
-        if f"data.{key}" not in named:
-            setattr(cfg.data, key, value)
-    if "model.causal" not in named:
-        cfg.model.causal = info.get("causal", True)
+    cfg.task, cfg.data, cfg.model.causal = settings_from_export(cfg, argv, cfg.model.path)
 
 
 def main(argv: list[str]) -> int:

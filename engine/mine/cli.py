@@ -9,8 +9,6 @@ composed config's task.*, data.*_len and model.causal, +exp=... included), as in
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 
 from omegaconf import OmegaConf
@@ -58,28 +56,11 @@ def input_file(cfg) -> str:
 
 
 def model_settings(cfg, argv: list[str], path: str):
-    """(task, data, causal) for the model folder at path, by launch/evaluate.py's rule: an export's
-    ember_task.json wins over the composed config except where the command line names a key (or
-    the task group); a plain Hugging Face folder takes the composed config as it is."""
-    from engine.export import TASK_FILE
+    """(task, data, causal) for the model folder at path, by launch/evaluate.py's rule
+    (engine/export.py settings_from_export)."""
+    from engine.export import settings_from_export
 
-    task, data, causal = copy.deepcopy(cfg.task), copy.deepcopy(cfg.data), cfg.model.causal
-    info_path = os.path.join(path, TASK_FILE)
-    if not os.path.isfile(info_path):
-        return task, data, causal
-    with open(info_path) as f:
-        info = json.load(f)
-    named = {a.split("=", 1)[0].lstrip("+") for a in argv}
-    if "task" not in named:
-        for key, value in info["task"].items():
-            if f"task.{key}" not in named:
-                setattr(task, key, value)
-    for key, value in info["data"].items():
-        if f"data.{key}" not in named:
-            setattr(data, key, value)
-    if "model.causal" not in named:
-        causal = info.get("causal", True)
-    return task, data, causal
+    return settings_from_export(cfg, argv, path)
 
 
 def settings_of_folder(path: str, task_type: str):
