@@ -112,7 +112,13 @@ LAYOUT_TASKS = {"pp4": (), "pp4xdp2": (), "pp2v2": (), "pp2v2xtp2xdp2": (),
                 "tp2xulysses2": ("embedding-full-qwen3", "reranker-full-untied", "embedding-bidirectional"),
                 "pp2-gpipe": ("embedding-full-qwen3", "reranker-full-untied"),
                 "pp2xdp2": ("embedding-full-qwen3", "reranker-full-untied"), "pp2xulysses2": ("embedding-lora",),
-                "pp2xring2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear")}
+                "pp2xring2": ("embedding-full-qwen3", "reranker-lora-qwen2-linear"),
+                # Degree 4 of one context-parallel scheme, and dp with ring: three tasks each (the
+                # bidirectional one where it can run), every task running ring 2 and ulysses 2 on 2 ranks;
+                # dp 2 x ring 2 on the embedders, whose negatives cross the dp ranks.
+                "ulysses4": ("embedding-lora", "reranker-full-untied", "embedding-bidirectional"),
+                "ring4": ("embedding-full-qwen3", "reranker-lora-qwen2-linear", "embedding-bidirectional"),
+                "dp2xring2": ("embedding-lora", "embedding-full-qwen3", "embedding-bidirectional")}
 # Context parallelism, trained on the data with 3-token documents (SHORT_DOCS).
 CP_LAYOUTS = {
     2: {

@@ -23,7 +23,9 @@ from tests.conftest import synthetic_examples, write_jsonl
 from tests.parallel.test_launch import _env, assert_same_losses, launch, losses
 from tests.test_cli import assert_one_line_error
 
-RUN = ["+exp=tiny", "data.eval=", "train.save_final=false", "train.max_steps=2", "train.batch_size=4"]
+# Short queries and documents: Triton's interpreter runs each kernel block in Python.
+RUN = ["+exp=tiny", "data.eval=", "train.save_final=false", "train.max_steps=2", "train.batch_size=4",
+       "data.query_max_len=32", "data.doc_max_len=16"]
 TORCH = ["kernels.attention=sdpa", "kernels.infonce=torch"]
 TRITON = ["kernels.attention=triton", "kernels.infonce=triton"]
 
