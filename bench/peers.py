@@ -40,6 +40,10 @@ loading), peak RSS (process) its VmHWM over its whole life, loading included. Ev
 in a fresh interpreter (this script with --case), so each peak is its own (--in-process, for
 tests, runs them all in this one and reports no peak).
 
+Host memory: Ember's processes run with the settings its launch scripts and Trainer apply
+(engine/host_memory.py); the peers run with torch's defaults, as their users run them, unless
+--peers-host-memory gives them the same settings (what is left is then the systems' own work).
+
 Length mixes: faq is the demo data as is (data.doc_max_len of the demo, 128); long writes
 documents of 512-2,048 tokens (FAQ answers concatenated up to a seeded random target length per
 document, counted with the model's tokenizer) to --work and sets data.doc_max_len=2048.
@@ -143,15 +147,15 @@ def prepare(args, mix: str, batch: int, data: str) -> str:
         if isinstance(module, LoRALinear):
             b = LORA_B_STD * torch.randn(module.lora_B.shape, generator=generator)
             lora[lora_key(name)] = (module.lora_A.detach().clone(), b)
-    backbone = trainer.model.backbone
-    dense = sum(p.numel() for n, p in backbone.named_parameters()
-                if not any(s in n for s in ("embed_tokens", "lm_head", "lora_")))
+    from bench.train_step import step_flops
+
+    flops, block_flops = step_flops(trainer, encoded)
     shared = dict(
         overrides=overrides, queries=rows(encoded.queries), docs=rows(encoded.docs), group_size=encoded.group_size,
         lora=lora, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=list(cfg.lora.targets),
         temperature=cfg.task.temperature, lr=cfg.train.lr, betas=list(cfg.train.betas),
         weight_decay=cfg.train.weight_decay, clip=cfg.train.clip_grad_norm, chunk=cfg.train.grad_cache_chunk,
-        dense_params=dense, real_tokens=encoded.num_tokens,
+        model_flops=flops, block_flops=block_flops, real_tokens=encoded.num_tokens,
     )
     path = os.path.join(args.work, f"batch_{mix}_{batch}.pt")
     torch.save(shared, path)
@@ -357,6 +361,10 @@ def build_system(name: str, shared: dict):
 
 def run_system(case: dict) -> dict:
     """Build one system, take the warm-up step (its loss is the check) and time case['steps'] more."""
+    if case["host_memory"]:  # --peers-host-memory: what Ember's Trainer does for itself
+        from engine.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     shared = torch.load(case["batch_file"], weights_only=True)
     shared["model_path"] = case["model"]
     step, padded = build_system(case["system"], shared)
@@ -370,7 +378,8 @@ def run_system(case: dict) -> dict:
     steps_peak = status_bytes("VmHWM:")
     return {**case, "loss": loss, "seconds": seconds, "real_tokens": shared["real_tokens"], "padded_tokens": padded,
             "peak_rss_steps": steps_peak if resettable else None, "peak_rss_process": max(setup_peak, steps_peak),
-            "threads": torch.get_num_threads(), "dense_params": shared["dense_params"]}
+            "threads": torch.get_num_threads(), "model_flops": shared["model_flops"],
+            "block_flops": shared["block_flops"]}
 
 
 def run_case(case: dict, in_process: bool) -> dict:
@@ -378,7 +387,7 @@ def run_case(case: dict, in_process: bool) -> dict:
     if in_process:  # tests: every system in this interpreter, so no peak of its own
         return {**run_system(case), "peak_rss_steps": None, "peak_rss_process": None}
     env = {**os.environ, "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
-    if case["system"].startswith("ember"):
+    if case["system"].startswith("ember") or case["host_memory"]:
         request_huge_pages(env)  # Ember's environment, as its launch scripts set it (engine/host_memory.py)
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)],
                             capture_output=True, text=True, env=env, cwd=REPO)
@@ -445,9 +454,9 @@ def print_table(results: list[dict], peak: float | None) -> None:
               f"{mib(r['peak_rss_process'])} |")
     for r in results:
         if r["system"].startswith("ember") and "error" not in r:
-            # Frozen weights: forward 2*N*T plus the input-gradient half of the backward, 2*N*T.
-            gflops = 4 * r["dense_params"] * r["real_tokens"] / r["seconds"] / 1e9
-            share = "" if peak is None else f" = {gflops / peak:.2f} of the fp32 matmul peak"
+            # MFU's count (bench/train_step.py step_flops); in brackets the blocks' frozen matmuls alone.
+            gflops, block = (r[key] / r["seconds"] / 1e9 for key in ("model_flops", "block_flops"))
+            share = "" if peak is None else f" = {gflops / peak:.2f} of the fp32 matmul peak ({block / peak:.2f} 4 N T)"
             print(f"{r['system']} at {r['mix']} batch {r['batch']}: model FLOP/s {gflops:.1f} GFLOP/s{share}")
 
 
@@ -474,6 +483,10 @@ def main() -> None:
     parser.add_argument("--out", help="also write every result to this JSON file")
     parser.add_argument("--in-process", action="store_true",
                         help="every system in this interpreter (tests: faster; no peak RSS per system, no matmul peak)")
+    parser.add_argument("--peers-host-memory", action="store_true",
+                        help="run the peers with Ember's host-memory settings too (engine/host_memory.py: malloc "
+                             "keeps freed memory, torch's allocator on huge pages); by default each system runs as "
+                             "its users run it, the peers with torch's defaults")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one system, print JSON
     args = parser.parse_args()
     if args.case:
@@ -509,7 +522,7 @@ def main() -> None:
             for round_index in range(args.rounds):  # round-robin: a slow spell of the machine hits every system
                 for system in args.systems:
                     case = dict(system=system, mix=mix, batch=batch, batch_file=batch_file, model=args.model,
-                                steps=args.steps)
+                                steps=args.steps, host_memory=args.peers_host_memory)
                     r = run_case(case, args.in_process)
                     runs[system].append(r)
                     label = f"  {system}" + (f" (round {round_index + 1})" if args.rounds > 1 else "")

@@ -79,17 +79,18 @@ def test_dry_run_of_the_70b_reranker_takes_seconds():
     assert elapsed < 60
 
 
-def test_every_real_size_experiment_validates():
+def test_every_real_size_experiment_validates(train_here):
+    # In this process (the fresh-interpreter dry run is the test above): the same entry point.
     for exp in ("embedding_qwen3_8b", "reranker_qwen3_8b", "embedding_70b", "reranker_70b"):
-        result = run_entry("train.py", f"+exp={exp}", "train.dry_run=true")
+        result = train_here(f"+exp={exp}", "train.dry_run=true")
         assert result.returncode == 0, (exp, result.stderr)
         if exp.endswith("70b"):  # pp 2: each stage's layers and memory, by the stage rule
             assert "  stage 0: embedding + layers 0-" in result.stdout, result.stdout
             assert re.search(r"  stage 1: layers \d+-79 \+ head: weights .* GiB per rank", result.stdout), result.stdout
             assert re.search(r"^pipeline: 1f1b schedule, \d+ micro-batches per pass, bubble", result.stdout, re.M)
     # The interleaved schedule plans two chunks per stage.
-    result = run_entry("train.py", "+exp=embedding_70b", "train.dry_run=true", "parallel.pp_schedule=interleaved",
-                       "parallel.pp_virtual=2")
+    result = train_here("+exp=embedding_70b", "train.dry_run=true", "parallel.pp_schedule=interleaved",
+                        "parallel.pp_virtual=2")
     assert result.returncode == 0, result.stderr
     assert re.search(r"  stage 0: embedding \+ layers 0-\d+; layers \d+-\d+: weights", result.stdout), result.stdout
     assert "pipeline: interleaved schedule, 2 virtual stages per rank" in result.stdout, result.stdout

@@ -41,19 +41,28 @@ def sequences_per_step(cfg) -> list[tuple[int, int]]:
 
 
 def flops_per_step(cfg, args) -> float:
+    lora = lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) if cfg.lora.rank > 0 else 0
+    return sum(sequence_flops(args, lora, count, length, forwards=forward_passes(cfg),
+                              recompute_attention=cfg.train.recompute == "selective")
+               for count, length in sequences_per_step(cfg))
+
+
+def model_flops(args, lora_params: int, lengths) -> float:
+    """The model FLOPs of one step over sequences of these lengths, as MFU counts them: one forward
+    and its backward (no recompute), the adapters' FLOPs as trained weights', the attention's."""
+    return sum(sequence_flops(args, lora_params, 1, length) for length in lengths)
+
+
+def sequence_flops(args, lora_params: int, count: int, length: int, forwards: int = 1,
+                   recompute_attention: bool = False) -> float:
+    """FLOPs of `count` sequences of `length` tokens (the module docstring's terms)."""
     h, layers = args.hidden_size, args.num_layers
     block = layers * (h * (2 * args.q_size + 2 * args.kv_size) + 3 * h * args.intermediate_size)
-    lora = lora_parameter_count(args, cfg.lora.rank, list(cfg.lora.targets)) if cfg.lora.rank > 0 else 0
-    forwards = forward_passes(cfg)
-    total = 0.0
-    for count, length in sequences_per_step(cfg):
-        tokens = count * length
-        matmul = 2 * (block + lora) * tokens
-        backward = 2 * block * tokens * (1 if lora else 2) + 4 * lora * tokens
-        attention = 4 * count * length**2 * args.q_size * layers * (0.5 if args.causal else 1.0)
-        recompute_attention = attention if cfg.train.recompute == "selective" else 0.0
-        total += forwards * (matmul + attention) + recompute_attention + backward + 2 * attention
-    return total
+    tokens = count * length
+    matmul = 2 * (block + lora_params) * tokens
+    backward = 2 * block * tokens * (1 if lora_params else 2) + 4 * lora_params * tokens
+    attention = 4 * count * length**2 * args.q_size * layers * (0.5 if args.causal else 1.0)
+    return forwards * (matmul + attention) + (attention if recompute_attention else 0.0) + backward + 2 * attention
 
 
 def step_time(cfg, args, layout, traffic: list[GroupTraffic], bubble: float) -> StepTime:
