@@ -58,4 +58,4 @@ def training_sampler(data: TrainingData, data_cfg, batch_size: int, seed: int,
              "so that no positive is trained as another query's negative")
     return BatchSampler(len(data.examples), batch_size, seed, dataset_sizes=data.sizes,
                         weights=list(data_cfg.train_weights) or None, same_dataset=data_cfg.same_dataset_in_batch,
-                        conflicts=conflicts)
+                        conflicts=conflicts, report=warn)

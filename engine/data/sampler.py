@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from typing import Callable
 
 import torch
 
@@ -43,7 +44,7 @@ class BatchSampler:
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, *, dataset_sizes: list[int] | None = None,
                  weights: list[float] | None = None, same_dataset: bool = False,
-                 conflicts: dict[int, set[int]] | None = None):
+                 conflicts: dict[int, set[int]] | None = None, report: Callable[[str], None] | None = None):
         if num_examples < 1:
             raise DataError("the sampler needs at least one example")
         if batch_size < 1:
@@ -58,7 +59,8 @@ class BatchSampler:
         self.weights = list(weights) if weights else []
         self.same_dataset = same_dataset
         self.conflicts = conflicts or {}
-        self.conflicting_steps = 0  # steps that had to keep a conflicting pair (counted per epoch planned)
+        self.conflicting_steps = 0  # steps of the epoch planned last that had to keep a conflicting pair
+        self.report = report  # told when an epoch keeps such steps
         streams = self.draws if same_dataset else [sum(self.draws)]
         self.steps_per_epoch = sum(-(-n // batch_size) for n in streams)  # ceil per stream
         self._cached_epoch: int | None = None
@@ -74,8 +76,13 @@ class BatchSampler:
 
     def _plan(self, epoch: int) -> torch.Tensor:
         if epoch != self._cached_epoch:
+            self.conflicting_steps = 0
             self._cached_plan = self._plan_epoch(epoch)
             self._cached_epoch = epoch
+            if self.conflicting_steps and self.report is not None:
+                self.report(f"data: epoch {epoch}: {self.conflicting_steps} of {self.steps_per_epoch} steps keep two "
+                            "examples that conflict (no arrangement of this data keeps them apart); in those steps "
+                            "a positive of one query is another's negative")
         return self._cached_plan
 
     def _plan_epoch(self, epoch: int) -> torch.Tensor:

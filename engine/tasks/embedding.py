@@ -51,8 +51,10 @@ class EmbeddingTask(TaskModule):
         # Matryoshka: the same loss on the first d dimensions of every vector, for each d; the full size first.
         loss = None
         for dim, weight in [(None, 1.0), *matryoshka_terms(c)]:
-            part = self._loss(*(self._prefix(x, dim) for x in (queries, docs, all_docs, all_queries)),
-                              batch, query_offset)
+            own_queries, own_docs = self._prefix(queries, dim), self._prefix(docs, dim)
+            # Without a gather (one rank, or distillation) the candidates are this rank's own documents.
+            candidates = own_docs if all_docs is docs else self._prefix(all_docs, dim)
+            part = self._loss(own_queries, own_docs, candidates, self._prefix(all_queries, dim), batch, query_offset)
             loss = weight * part if loss is None else loss + weight * part
         return loss
 

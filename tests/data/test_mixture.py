@@ -27,6 +27,19 @@ def test_conflicts_are_shared_positives_positives_used_as_negatives_and_repeated
     assert conflicting_examples([Example("q", ["a"], ["b"]), Example("r", ["c"], ["d"])]) == {}
 
 
+def test_an_epoch_that_must_keep_a_conflict_says_so_once():
+    # Every example conflicts with every other: any step of 2 keeps a conflicting pair.
+    conflicts = {i: set(range(4)) - {i} for i in range(4)}
+    reports = []
+    sampler = BatchSampler(4, 2, seed=0, conflicts=conflicts, report=reports.append)
+    for step in range(4):  # two epochs of two steps
+        sampler.indices(step)
+    assert sampler.conflicting_steps == 2
+    assert reports == [f"data: epoch {e}: 2 of 2 steps keep two examples that conflict (no arrangement of this "
+                       "data keeps them apart); in those steps a positive of one query is another's negative"
+                       for e in (0, 1)]
+
+
 def test_no_step_holds_two_conflicting_examples_and_each_epoch_still_covers_the_data():
     # Pairs (2k, 2k+1) share a positive: with 40 examples in steps of 8, a plain shuffle puts
     # some pair together almost surely.

@@ -14,6 +14,8 @@ pytest process) and in each layout (spawned ranks running the real Trainer). Com
   by up to lr per step; those elements are held to that bound instead. They are few (a few
   per tensor, plus embedding rows of tokens the batch never used, whose gradient is 0).
 The held-out metrics after the steps (evaluation is split over dp ranks) must agree too.
+The distillation, hinge and RankNet losses and a two-file mixture (weighted, one file per step)
+run at dp 2.
 Context-parallel layouts, and pipelined embedding layouts (each tower its own micro-batch, where
 the single process packs both towers in one stream), are held to 3e-5 for gradients and atol 1e-5
 for parameters (see CP_TOLERANCE for why); losses to the same 1e-5, clip norms to the gradients' 3e-5.
@@ -145,6 +147,9 @@ CP_LAYOUTS = {
 # up at 1e-2 and above (a token attending the wrong keys, a gradient counted twice).
 CP_TOLERANCE = (3e-5, 1e-5)  # (gradient relative to its norm, parameter absolute)
 SHORT_DOCS = "@SHORT_DOCS"  # marks a job that trains on train_short.jsonl (see data_dir)
+SCORED = "@SCORED"  # ... on train_scored.jsonl, whose lines carry teacher scores (distillation)
+MIXTURE = "@MIXTURE"  # ... on train.jsonl and train_short.jsonl together (data.train as a list)
+DATA_MARKERS = (SHORT_DOCS, SCORED, MIXTURE)
 CP_ONLY_TASKS = ("embedding-bidirectional",)
 # Micro-batching variants, single-process reference with the same settings; and loading a
 # Hugging Face folder (each rank reads only its slices; the reference loads it whole).
@@ -159,6 +164,12 @@ EXTRAS = {
     # Prefixes of the gathered candidates (query-query and doc-doc terms too), renormalised per rank.
     # lr 3e-4: at 1e-3 AdamW carried the three summed losses' float32 noise to 1.7e-6 on one element.
     "matryoshka": ["task.matryoshka_dims=[16,32]", "task.matryoshka_weights=[0.5,2]", "train.lr=3e-4"],
+    # The losses besides InfoNCE and listwise: each rank's teacher scores, pairs and margins are its
+    # own queries'; the sampler's mixture (weights, one file per step) splits over dp ranks alike.
+    "distill": [SCORED, "task.loss=distill"],
+    "hinge": ["task.loss=hinge", "task.hinge_margin=0.5"],
+    "ranknet": ["task.loss=ranknet"],
+    "mixture": [MIXTURE, "data.train_weights=[1,2]", "data.same_dataset_in_batch=true"],
 }
 EXTRA_TASKS = {
     "accum2": ("embedding-lora", "embedding-full-qwen3"),
@@ -168,11 +179,16 @@ EXTRA_TASKS = {
     "recompute-selective": ("embedding-lora",),
     "layers4": ("embedding-lora", "embedding-full-qwen3", "reranker-lora-qwen2-linear", "reranker-full-untied"),
     "matryoshka": ("embedding-full-qwen3",),
+    "distill": ("embedding-lora", "reranker-full-untied"),
+    "hinge": ("reranker-lora-qwen2-linear",),
+    "ranknet": ("reranker-full-untied",),
+    "mixture": ("embedding-full-qwen3",),
 }
 EXTRA_LAYOUTS = {"accum2": ("dp2", "dp2xtp2", "pp2"), "gradcache": ("dp2", "dp2xtp2", "ulysses2", "pp2", "pp2xdp2"),
                  "path": ("tp2-sp", "dp2xtp2", "tp2xulysses2", "pp2xtp2"),
                  "recompute-full": ("ring2", "ring2xulysses2", "pp2"), "recompute-selective": ("ring2", "pp2"),
-                 "layers4": ("pp4", "pp4xdp2", "pp2v2", "pp2v2xtp2xdp2"), "matryoshka": ("dp2",)}
+                 "layers4": ("pp4", "pp4xdp2", "pp2v2", "pp2v2xtp2xdp2"), "matryoshka": ("dp2",),
+                 "distill": ("dp2",), "hinge": ("dp2",), "ranknet": ("dp2",), "mixture": ("dp2",)}
 EXTRA_LAYOUT_TASKS = {("layers4", "pp4"): ("embedding-lora", "reranker-full-untied"),
                       ("layers4", "pp4xdp2"): ("embedding-full-qwen3", "reranker-lora-qwen2-linear"),
                       ("layers4", "pp2v2xtp2xdp2"): ("embedding-lora", "reranker-full-untied"),
@@ -259,10 +275,19 @@ def _learning_rate(task: str) -> float:
     return lrs[-1] if lrs else LR
 
 
+def _training_data(overrides: list[str], data_dir: str) -> str:
+    """The data.train override a job's data marker (or none) stands for."""
+    if MIXTURE in overrides:
+        return f"data.train=[{data_dir}/train.jsonl,{data_dir}/train_short.jsonl]"
+    files = {SHORT_DOCS: "train_short.jsonl", SCORED: "train_scored.jsonl"}
+    name = next((file for marker, file in files.items() if marker in overrides), "train.jsonl")
+    return f"data.train={data_dir}/{name}"
+
+
 def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) -> Trainer:
-    train = "train_short.jsonl" if SHORT_DOCS in overrides else "train.jsonl"
-    overrides = [o.replace(MODEL_DIR, os.path.join(data_dir, "model")) for o in overrides if o != SHORT_DOCS]
-    cfg, yaml = compose(TINY + overrides + [f"data.train={data_dir}/{train}", f"data.eval={data_dir}/eval.jsonl",
+    train = _training_data(overrides, data_dir)
+    overrides = [o.replace(MODEL_DIR, os.path.join(data_dir, "model")) for o in overrides if o not in DATA_MARKERS]
+    cfg, yaml = compose(TINY + overrides + [train, f"data.eval={data_dir}/eval.jsonl",
                                             f"train.output_dir={run_dir}", "eval.batch_size=4"])
     validate(cfg)
     return Trainer(cfg, yaml, mesh)
@@ -271,7 +296,7 @@ def build_trainer(overrides: list[str], data_dir: str, run_dir: str, mesh=None) 
 def _worker(rank: int, world: int, data_dir: str, out_dir: str, jobs: dict) -> None:
     results = {}
     for i, (key, overrides) in enumerate(jobs.items()):
-        cfg, _ = compose(TINY + [o for o in overrides if MODEL_DIR not in o and o != SHORT_DOCS])
+        cfg, _ = compose(TINY + [o for o in overrides if MODEL_DIR not in o and o not in DATA_MARKERS])
         mesh = init_mesh(layout_from_config(cfg.parallel, world_size=world), torch.device("cpu"))
         trainer = build_trainer(overrides, data_dir, os.path.join(out_dir, f"run{i}"), mesh)
         results[key] = run_steps(trainer)
@@ -288,6 +313,7 @@ def data_dir(tmp_path_factory):
     for line in short[::3]:  # documents of 3 tokens: fewer than ring 4's 8 chunks, or ring 2's 4
         line["neg"][0] = "no"
     write_jsonl(folder / "train_short.jsonl", short)
+    write_jsonl(folder / "train_scored.jsonl", synthetic_examples(24, seed=2, with_scores=True))
     write_jsonl(folder / "eval.jsonl", synthetic_examples(7, seed=1))  # 7 queries: batches do not split evenly
     _write_tiny_model(str(folder / "model"))
     return str(folder)

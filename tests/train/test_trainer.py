@@ -167,6 +167,18 @@ def test_distill_without_teacher_scores_fails_before_the_model_is_built(tmp_path
         make_trainer(tmp_path / "run", (data, ""), "task=reranker", "task.loss=distill")
 
 
+def test_distill_with_a_line_without_negatives_names_that_line(tmp_path):
+    """A line with scores but no negatives would borrow other queries' documents, which its teacher
+    never scored: refused before the model is built, naming the line."""
+    from tests.conftest import synthetic_examples, write_jsonl
+
+    lines = synthetic_examples(8, with_scores=True)
+    lines[4]["neg"], lines[4]["neg_scores"] = [], []
+    data = write_jsonl(tmp_path / "t.jsonl", lines)
+    with pytest.raises(ConfigError, match=r"needs each query's own scored negatives: .*t.jsonl:5 has none"):
+        make_trainer(tmp_path / "run", (data, ""), "task=embedding", "task.loss=distill")
+
+
 @pytest.mark.parametrize("task", [
     ["task=reranker", "task.loss=hinge", "task.hinge_margin=0.5"],
     ["task=reranker", "task.loss=ranknet"],
