@@ -44,9 +44,9 @@ class RerankerTask(TaskModule):
         if self.cfg.head == "yes_no":
             rows = self.backbone.lm_head_rows(list(self.yes_no_ids))  # (2, H)
             return self.backbone.reduce_shards((last @ (rows[0] - rows[1])).float())
-        # A product, not score(last).squeeze(-1): under FSDP the rows leave encode_tower, and a view
-        # there is an output whose in-place use would skip FSDP's pre-backward hook (torch warns).
-        return self.backbone.reduce_shards((last @ self.score.weight[0]).float())
+        # A copy, not squeeze's view: under FSDP the rows leave encode_tower, and a view there is an
+        # output whose in-place use would skip FSDP's pre-backward hook (torch warns). B floats.
+        return self.backbone.reduce_shards(self.score(last).squeeze(-1).float().clone())
 
     def towers(self, batch: RerankerBatch) -> list[PackedSequences]:
         return [batch.pairs]
