@@ -67,13 +67,12 @@ def step_flops(trainer: Trainer, batch) -> tuple[float, float]:
     blocks' weights x tokens, is the count this file reported before 2026-12-07."""
     from engine.plan.step_time import model_flops
 
-    args = trainer.model.backbone.args
-    lengths = [int(n) for seqs in (batch.queries, batch.docs) for n in seqs.cu_seqlens.diff()]
     backbone = trainer.model.backbone
+    lengths = [int(n) for seqs in (batch.queries, batch.docs) for n in seqs.cu_seqlens.diff()]
     lora = sum(p.numel() for n, p in backbone.named_parameters() if "lora_" in n)
     dense = sum(p.numel() for n, p in backbone.named_parameters()
                 if not any(s in n for s in ("embed_tokens", "lm_head", "lora_")))
-    return model_flops(args, lora, lengths), 4 * dense * sum(lengths)
+    return model_flops(backbone.args, lora, lengths), 4 * dense * sum(lengths)
 
 
 def time_steps(step, steps: int) -> float:

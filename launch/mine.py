@@ -71,10 +71,11 @@ def _with_ranks(cfg, argv, options: MineOptions, examples, extra) -> int:
 
 def _mine(cfg, argv, o: MineOptions, examples, extra, mesh) -> None:
     from engine.api import Embedder, Reranker
-    from engine.mine.cli import load_model, model_key, model_settings
+    from engine.export import settings_from_export
+    from engine.mine.cli import load_model, model_key
     from engine.mine.pipeline import mine
 
-    settings = model_settings(cfg, argv, cfg.model.path)
+    settings = settings_from_export(cfg, argv, cfg.model.path)
     embedder = load_model(Embedder, cfg.model.path, settings, cfg.train.device, "model.path")
     reranker = None
     if o.reranker:

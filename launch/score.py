@@ -58,11 +58,12 @@ def _score(cfg, argv, o: ScoreOptions, examples, mesh) -> None:
     import time
 
     from engine.api import Reranker
-    from engine.mine.cli import load_model, model_settings
+    from engine.export import settings_from_export
+    from engine.mine.cli import load_model
     from engine.mine.teacher import scored_records, teacher_scores
     from engine.mine.write import write_jsonl
 
-    settings = model_settings(cfg, argv, cfg.model.path)
+    settings = settings_from_export(cfg, argv, cfg.model.path)
     reranker = load_model(Reranker, cfg.model.path, settings, cfg.train.device, "model.path")
     reranker.task.dp_group = mesh.group("dp")
     start = time.perf_counter()

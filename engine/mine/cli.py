@@ -55,20 +55,13 @@ def input_file(cfg) -> str:
     return cfg.data.train
 
 
-def model_settings(cfg, argv: list[str], path: str):
-    """(task, data, causal) for the model folder at path, by launch/evaluate.py's rule
-    (engine/export.py settings_from_export)."""
-    from engine.export import settings_from_export
-
-    return settings_from_export(cfg, argv, path)
-
-
 def settings_of_folder(path: str, task_type: str):
     """(task, data, causal) of a folder by itself: its ember_task.json, else conf/'s task_type defaults."""
     from engine.cli import compose
+    from engine.export import settings_from_export
 
     cfg, _ = compose([f"task={task_type}"])
-    return model_settings(cfg, [], path)
+    return settings_from_export(cfg, [], path)
 
 
 def load_model(cls, path: str, settings, device_name: str, key: str):

@@ -13,7 +13,7 @@ from engine.parallel.layout import Layout
 from engine.plan.communication import traffic_per_step
 from engine.plan.layouts import plan_cluster
 from engine.plan.memory import Precision
-from engine.plan.step_time import flops_per_step
+from engine.plan.step_time import flops_per_step, model_flops
 
 # A small Llama: h 256, 4 query heads x 64, 2 KV heads, SwiGLU 512, 8 layers, untied head.
 SMALL = ["model=tiny", "model.hidden_size=256", "model.intermediate_size=512", "model.num_layers=8",
@@ -73,6 +73,21 @@ def test_flops_are_six_per_parameter_per_token_plus_attention():
     assert flops_per_step(cfg, args) == pytest.approx(6 * block * sequences * length + 3 * attention)
     full, _ = _small("train.recompute=full")
     assert flops_per_step(full, args) == pytest.approx(8 * block * sequences * length + 4 * attention)
+
+
+def test_model_flops_count_frozen_blocks_once_backward_trained_adapters_twice_and_attention_per_sequence():
+    """What the CPU benches report as model FLOPs (bench/train_step.py step_flops): packed sequences of
+    unequal lengths, frozen blocks under LoRA, no recompute."""
+    _, args = _small()
+    block = 8 * (256 * (2 * 256 + 2 * 128) + 3 * 256 * 512)
+    lora = 1000
+    lengths = [10, 300]
+    tokens = sum(lengths)
+    attention = sum(4 * n**2 * 256 * 8 * 0.5 for n in lengths)  # causal, per sequence: not 4 x 310^2
+    expected = 4 * block * tokens + 6 * lora * tokens + 3 * attention
+    assert model_flops(args, lora, lengths) == pytest.approx(expected)
+    # Full fine-tuning (no adapters): 6 per weight and token, as flops_per_step counts a step.
+    assert model_flops(args, 0, lengths) == pytest.approx(6 * block * tokens + 3 * attention)
 
 
 def test_layouts_that_do_not_fit_are_refused_and_the_rest_ranked_by_step_time():
