@@ -41,14 +41,14 @@ def main(argv: list[str]) -> int:
     cfg, _ = compose(hydra_argv)
     if not cfg.model.path:
         raise ConfigError("model.path is required: the embedder (an Ember export or a Hugging Face model folder)")
-    input_file(cfg)
+    train_file = input_file(cfg)
 
     from engine.data.formats import load_examples
     from engine.mine.corpus import line_negatives, read_corpus_file
     from engine.mine.search import faiss_or_none
 
     faiss_or_none(options.use_faiss)  # mine.use_faiss=true without faiss fails now, not after encoding
-    examples = load_examples(cfg.data.train, on_error=cfg.data.on_error)
+    examples = load_examples(train_file, on_error=cfg.data.on_error)
     extra = read_corpus_file(options.corpus) if options.corpus else []
     if options.corpus_from_negatives:
         extra += line_negatives(examples)

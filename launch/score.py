@@ -37,13 +37,13 @@ def main(argv: list[str]) -> int:
     cfg, _ = compose(default_task + hydra_argv)
     if not cfg.model.path:
         raise ConfigError("model.path is required: the reranker (an Ember export or a Hugging Face model folder)")
-    input_file(cfg)
+    train_file = input_file(cfg)
 
     from engine.data.formats import load_examples
     from engine.mine.cli import start_ranks
     from engine.parallel.mesh import shutdown
 
-    examples = load_examples(cfg.data.train, on_error=cfg.data.on_error)
+    examples = load_examples(train_file, on_error=cfg.data.on_error)
     mesh = start_ranks(cfg.train.device, cfg.train.collective_timeout)
     finished = False
     try:

@@ -73,7 +73,10 @@ def test_linear_head_scores_the_last_token():
     task = RerankerTask(backbone, TaskConfig(type="reranker", head="linear", loss="bce"))
     packed = PackedSequences.from_token_lists(SEQS)
     expected = torch.stack([task.score(h[-1]).squeeze() for h in per_sequence_hidden(backbone, SEQS)])
-    torch.testing.assert_close(task.encode_tower(packed), expected, rtol=1e-5, atol=1e-5)
+    scores = task.encode_tower(packed)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    # Under FSDP a view leaving encode_tower would skip the pre-backward hook if used in place.
+    assert not scores._is_view()
     labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     loss = task(RerankerBatch(pairs=packed, group_size=2, labels=labels))
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(expected.view(2, 2), labels))
