@@ -255,13 +255,22 @@ def finish_case(case: dict, process: subprocess.Popen) -> dict:
 def run_cases(cases: list[dict], jobs: int) -> list[dict]:
     """Each case in its own interpreter, `jobs` at a time (1: one after the other, as timings need)."""
     results, running = [], []
+
+    def finish_next() -> None:
+        case, process = running.pop(0)
+        row = finish_case(case, process)
+        print(f"{NAMES[case['system']]}: {row['texts']} texts in {row['seconds']:.1f} s", flush=True)
+        results.append(row)
+
     try:
         for case in cases:
+            # Minutes per system at the default 10,000 texts: say what is running.
+            print(f"{NAMES[case['system']]}: loading and encoding in its own interpreter ...", flush=True)
             running.append((case, start_case(case)))
             if len(running) >= jobs:
-                results.append(finish_case(*running.pop(0)))
+                finish_next()
         while running:
-            results.append(finish_case(*running.pop(0)))
+            finish_next()
     finally:
         for _, process in running:  # one failed: stop the ones still running
             process.kill()
